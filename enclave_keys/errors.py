@@ -1,0 +1,105 @@
+"""The exception hierarchy.
+
+Every error the library raises on purpose derives from :class:`EnclaveKeysError`, so a
+node can catch one class at its boundary. Subclasses are named by the condition, not by
+the module that noticed it. No error message ever contains key bytes, nonces, ciphertexts
+or passphrases: messages name ids, sizes and versions only.
+"""
+
+from __future__ import annotations
+
+
+class EnclaveKeysError(Exception):
+    """Root of every error raised by enclave_keys."""
+
+
+# --- vocabulary -----------------------------------------------------------------------
+
+
+class InvalidIdentifier(EnclaveKeysError, ValueError):
+    """A round id, key id, event id or KEK version is malformed."""
+
+
+# --- crypto ---------------------------------------------------------------------------
+
+
+class CryptoError(EnclaveKeysError):
+    """Base for failures in the crypto layer."""
+
+
+class UnwrapFailed(CryptoError):
+    """Authentication failed: wrong key, wrong associated data, or tampered bytes.
+
+    Deliberately opaque: it never says which check failed and never echoes the input,
+    so it cannot be used as an oracle. Truncated, extended, bit-flipped, re-targeted or
+    unknown-version envelopes all raise this one error.
+    """
+
+    def __init__(self, what: str = "envelope") -> None:
+        super().__init__(f"authentication failed for {what}")
+
+
+class SecretWiped(CryptoError):
+    """A secret (key memory, round cipher, KEK) was used after it was wiped."""
+
+
+class InvalidKeyMaterial(CryptoError, ValueError):
+    """Key material has the wrong length or form (the message gives sizes, never bytes)."""
+
+
+class WeakKdfParameters(CryptoError, ValueError):
+    """Argon2id parameters are below the library's floor."""
+
+
+class WrongPassphrase(CryptoError):
+    """The passphrase does not match the stored verifier."""
+
+
+# --- events and codec -----------------------------------------------------------------
+
+
+class CodecError(EnclaveKeysError):
+    """Base for every failure to decode (or encode) an event."""
+
+
+class TruncatedData(CodecError):
+    """The bytes end before the value they encode is complete."""
+
+
+class TrailingBytes(CodecError):
+    """Bytes follow a complete encoded value."""
+
+
+class UnknownEventTag(CodecError):
+    """The wire tag names no known event type."""
+
+
+class SchemaMismatch(CodecError):
+    """The event's schema number is not the one this version reads."""
+
+
+class MalformedEvent(CodecError):
+    """A field is missing, unexpected, or of the wrong type or range."""
+
+
+# --- storage --------------------------------------------------------------------------
+
+
+class StoreError(EnclaveKeysError):
+    """Base for failures of the storage layer."""
+
+
+class StoreClosed(StoreError):
+    """The store was used after close()."""
+
+
+class CorruptRecord(StoreError):
+    """A stored record cannot be decoded: wrong layout, version or length."""
+
+
+class SequenceConflict(StoreError):
+    """An appended batch does not continue the log (gap, overlap or reordering)."""
+
+
+class StoreUnavailable(StoreError):
+    """The data directory cannot be opened (missing, foreign or damaged LMDB file)."""
