@@ -55,6 +55,10 @@ class WrongPassphrase(CryptoError):
     """The passphrase does not match the stored verifier."""
 
 
+class InvalidPassphrase(CryptoError, ValueError):
+    """A passphrase is empty, too long, or not valid text (checked before any derivation)."""
+
+
 # --- events and codec -----------------------------------------------------------------
 
 
