@@ -107,3 +107,29 @@ class SequenceConflict(StoreError):
 
 class StoreUnavailable(StoreError):
     """The data directory cannot be opened (missing, foreign or damaged LMDB file)."""
+
+
+# --- actors and lifecycle -------------------------------------------------------------
+
+
+class LifecycleError(EnclaveKeysError):
+    """Base for failures of the round lifecycle (contexts, leases, actors)."""
+
+
+class MissingDependency(LifecycleError):
+    """A round context lacks a dependency an actor needs (e.g. no round cipher).
+
+    Never answered with a fallback: the round fails instead.
+    """
+
+
+class ContextClosed(LifecycleError):
+    """The round's context was torn down: the round has ended."""
+
+
+class RoundCipherRetired(LifecycleError):
+    """The round cipher was purged (or is being purged): no new lease can be taken."""
+
+
+class LeaseTimeout(LifecycleError):
+    """Open leases did not end within the bounded wait."""

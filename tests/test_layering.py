@@ -23,6 +23,8 @@ LAYERS: dict[str, int] = {
     "enclave_keys.bus": 4,
     "enclave_keys.router": 4,
     "enclave_keys.context": 4,
+    "enclave_keys.handler": 4,
+    "enclave_keys.runtime": 4,
     "enclave_keys.round_cipher": 4,
     "enclave_keys.keyshare": 4,
     "enclave_keys.reaper": 4,
