@@ -1,0 +1,1 @@
+"""Runnable simulations of enclave_keys nodes: ``python -m simulations``."""
