@@ -1,0 +1,370 @@
+"""Wipeable key memory: :class:`SecretBytes`.
+
+Key bytes live in their own page-aligned anonymous mapping (``mmap``), locked into RAM
+with ``mlock`` so they are never written to swap, and marked ``MADV_DONTDUMP`` so they
+are left out of core dumps. :meth:`SecretBytes.wipe` overwrites the whole mapping with
+zeros, then unlocks and unmaps it.
+
+If ``mlock`` is refused (``RLIMIT_MEMLOCK`` too low, no ``CAP_IPC_LOCK``, a platform
+without it) the secret still works, unlocked, and the process logs one structured
+``secret_memory_not_locked`` warning.
+
+What this cannot do: Python and OpenSSL make copies we cannot reach. An immutable
+``bytes`` a key came from, anything a caller copies out of a borrowed view, and the key
+schedule inside an ``AESGCM`` object all live outside this buffer. ``docs/crypto.md``
+lists them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hmac
+import mmap
+import threading
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any, NoReturn, Self
+
+import structlog
+
+from enclave_keys.errors import InvalidKeyMaterial, SecretWiped
+
+__all__ = ["Entropy", "NoCopy", "SecretBytes"]
+
+_log = structlog.get_logger(__name__)
+
+Entropy = Callable[[int], bytes]
+"""An injectable entropy source: ``entropy(n)`` returns exactly ``n`` bytes.
+
+FOR DETERMINISTIC SIMULATIONS AND TESTS ONLY. A seeded source makes every key and nonce
+predictable; a production node must always leave it as ``None`` (the OS CSPRNG).
+"""
+
+
+def _load_libc() -> Any:
+    """The C library (for mlock/munlock/getrandom), or None where it cannot be loaded."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):
+        return None
+    for name in ("mlock", "munlock"):
+        if not hasattr(libc, name):
+            return None
+        func = getattr(libc, name)
+        func.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        func.restype = ctypes.c_int
+    if hasattr(libc, "getrandom"):
+        libc.getrandom.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        libc.getrandom.restype = ctypes.c_ssize_t
+    return libc
+
+
+_LIBC: Any = _load_libc()
+_warn_lock = threading.Lock()
+_warned_not_locked = False
+
+
+def _warn_not_locked(size: int, mapped: int, err: int | None) -> None:
+    """Log ``secret_memory_not_locked`` the first time only (once per process)."""
+    global _warned_not_locked
+    with _warn_lock:
+        if _warned_not_locked:
+            return
+        _warned_not_locked = True
+    _log.warning(
+        "secret_memory_not_locked",
+        size=size,
+        mapped=mapped,
+        errno=errno.errorcode.get(err, str(err)) if err is not None else "unsupported",
+        hint="raise RLIMIT_MEMLOCK or grant CAP_IPC_LOCK; key memory may reach swap",
+    )
+
+
+def _map(size: int) -> tuple[mmap.mmap, int]:
+    """A private anonymous mapping of at least one page for ``size`` bytes, and its address."""
+    pages = max(1, -(-size // mmap.PAGESIZE))
+    if hasattr(mmap, "MAP_PRIVATE"):
+        mapping = mmap.mmap(
+            -1,
+            pages * mmap.PAGESIZE,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+    else:  # pragma: no cover - non-POSIX
+        mapping = mmap.mmap(-1, pages * mmap.PAGESIZE)
+    if hasattr(mmap, "MADV_DONTDUMP"):
+        mapping.madvise(mmap.MADV_DONTDUMP)
+    # The ctypes array exports the buffer only for this one expression.
+    address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
+    return mapping, address
+
+
+def _lock_pages(address: int, length: int, size: int) -> bool:
+    """mlock the mapping; on refusal warn (once per process) and report False."""
+    if _LIBC is None:
+        _warn_not_locked(size, length, None)
+        return False
+    if _LIBC.mlock(address, length) == 0:
+        return True
+    _warn_not_locked(size, length, ctypes.get_errno())
+    return False
+
+
+def _release(mapping: mmap.mmap, address: int, locked: bool) -> None:
+    """Unlock and unmap a mapping that has already been zeroed."""
+    if locked and _LIBC is not None:
+        _LIBC.munlock(address, len(mapping))
+    # If a view a caller kept alive still exports the buffer, close() refuses: the memory
+    # is already zero, and the mapping is unmapped when that last view is collected.
+    with contextlib.suppress(BufferError):
+        mapping.close()
+
+
+def _fill_from_os(view: memoryview) -> None:
+    """Fill ``view`` from the OS CSPRNG without an intermediate ``bytes`` object."""
+    if _LIBC is not None and hasattr(_LIBC, "getrandom") and len(view) > 0:
+        target = (ctypes.c_char * len(view)).from_buffer(view)
+        try:
+            filled = 0
+            while filled < len(view):
+                got = _LIBC.getrandom(ctypes.addressof(target) + filled, len(view) - filled, 0)
+                if got < 0:
+                    err = ctypes.get_errno()
+                    if err == errno.EINTR:
+                        continue
+                    raise OSError(err, "getrandom failed")
+                filled += got
+        finally:
+            del target
+        return
+    with open("/dev/urandom", "rb", buffering=0) as source:
+        filled = 0
+        while filled < len(view):
+            got = source.readinto(view[filled:])
+            if not got:
+                raise OSError("short read from /dev/urandom")
+            filled += got
+
+
+class NoCopy:
+    """Mixin: refuse pickling and copying (an object that owns key memory must stay unique)."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(f"{type(self).__name__} cannot be pickled")
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError(f"{type(self).__name__} cannot be pickled")
+
+    def __copy__(self) -> NoReturn:
+        raise TypeError(f"{type(self).__name__} cannot be copied")
+
+    def __deepcopy__(self, memo: Any) -> NoReturn:
+        raise TypeError(f"{type(self).__name__} cannot be copied")
+
+
+class SecretBytes(NoCopy):
+    """Key bytes in locked, dump-excluded, wipeable memory.
+
+    Build one with :meth:`random`, :meth:`from_bytes` or :meth:`from_buffer`; read it only
+    inside ``with secret.borrow() as view:``; destroy it with :meth:`wipe` (or by using
+    the secret as a context manager). Equality, hashing and ``bytes()`` are deliberately
+    not by value, and the repr shows the size and state only. Thread-safe.
+    """
+
+    __slots__ = ("_address", "_borrows", "_lock", "_locked", "_mapping", "_size", "_wiped")
+
+    _address: int
+    _borrows: int
+    _lock: threading.Lock
+    _locked: bool
+    _mapping: mmap.mmap | None
+    _size: int
+    _wiped: bool
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("use SecretBytes.random(), .from_bytes() or .from_buffer()")
+
+    # --- construction ------------------------------------------------------------------
+
+    @classmethod
+    def _allocate(cls, size: int) -> Self:
+        """A zeroed, locked (where possible) secret of ``size`` bytes."""
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidKeyMaterial("secret size must be a non-negative integer")
+        self = object.__new__(cls)
+        self._lock = threading.Lock()
+        self._borrows = 0
+        self._wiped = False
+        self._size = size
+        self._mapping, self._address = _map(size)
+        self._locked = _lock_pages(self._address, len(self._mapping), size)
+        return self
+
+    @classmethod
+    def _filled_by(cls, size: int, writer: Callable[[memoryview], object]) -> Self:
+        """A secret of ``size`` bytes written in place by ``writer(view)``.
+
+        For the crypto package: lets a primitive (``decrypt_into``, ``derive_into``)
+        write straight into key memory. If ``writer`` raises, the secret is wiped first.
+        """
+        self = cls._allocate(size)
+        try:
+            assert self._mapping is not None
+            with memoryview(self._mapping) as whole, whole[:size] as view:
+                writer(view)
+        except BaseException:
+            self.wipe()
+            raise
+        return self
+
+    @classmethod
+    def random(cls, size: int, entropy: Entropy | None = None) -> Self:
+        """``size`` fresh random bytes, read straight into the buffer from the OS CSPRNG.
+
+        ``entropy`` is for DETERMINISTIC SIMULATIONS ONLY (see :data:`Entropy`); its
+        output is an immutable ``bytes`` that cannot be wiped.
+        """
+        if entropy is None:
+            return cls._filled_by(size, _fill_from_os)
+
+        def copy_entropy(view: memoryview) -> None:
+            chunk = entropy(size)
+            if not isinstance(chunk, bytes) or len(chunk) != size:
+                raise InvalidKeyMaterial(f"entropy source must return exactly {size} bytes")
+            view[:] = chunk
+
+        return cls._filled_by(size, copy_entropy)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        """Copy ``data`` into secret memory.
+
+        ``data`` itself is immutable and CANNOT be wiped: it stays in the Python heap
+        until collected (and its memory reused). Prefer :meth:`random` or
+        :meth:`from_buffer` for real keys.
+        """
+        with memoryview(data) as source:
+            return cls._copy_of(source)
+
+    @classmethod
+    def from_buffer(cls, buffer: bytearray | memoryview, *, wipe_source: bool = True) -> Self:
+        """Copy a mutable buffer into secret memory, then zero the source (by default).
+
+        Earlier copies the buffer may have left behind (a ``bytearray`` that was resized,
+        for instance) cannot be reached.
+        """
+        with memoryview(buffer) as source:
+            if wipe_source and source.readonly:
+                raise TypeError("cannot wipe a read-only source; pass wipe_source=False")
+            secret = cls._copy_of(source)
+            if wipe_source:
+                with source.cast("B") as flat:
+                    flat[:] = bytes(flat.nbytes)
+            return secret
+
+    @classmethod
+    def _copy_of(cls, source: memoryview) -> Self:
+        if not source.c_contiguous:
+            raise TypeError("the source must be a contiguous buffer")
+        with source.cast("B") as flat:
+
+            def copy(view: memoryview) -> None:
+                view[:] = flat
+
+            return cls._filled_by(flat.nbytes, copy)
+
+    # --- access ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[memoryview]:
+        """Yield a read-only view of the key bytes, released when the block ends.
+
+        Raises :class:`SecretWiped` if the secret was wiped. A wipe during the block
+        zeroes the memory at once; the unmap waits for the block to end.
+        """
+        with self._lock:
+            if self._wiped or self._mapping is None:
+                raise SecretWiped(f"{self!r} was used after it was wiped")
+            self._borrows += 1
+            mapping = self._mapping
+        whole = memoryview(mapping)
+        view = whole[: self._size].toreadonly()
+        try:
+            yield view
+        finally:
+            for held in (view, whole):
+                with contextlib.suppress(BufferError):  # the caller exported the view
+                    held.release()
+            self._end_borrow()
+
+    def _end_borrow(self) -> None:
+        with self._lock:
+            self._borrows -= 1
+            if not (self._wiped and self._borrows == 0 and self._mapping is not None):
+                return
+            mapping, self._mapping = self._mapping, None
+        _release(mapping, self._address, self._locked)
+
+    def equals(self, other: SecretBytes | bytes | bytearray | memoryview) -> bool:
+        """Constant-time comparison of contents (the lengths are not secret)."""
+        if isinstance(other, SecretBytes):
+            with self.borrow() as mine, other.borrow() as theirs:
+                return hmac.compare_digest(mine, theirs)
+        with self.borrow() as mine:
+            return hmac.compare_digest(mine, other)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def is_wiped(self) -> bool:
+        return self._wiped
+
+    @property
+    def is_locked(self) -> bool:
+        """True while the memory is mlocked (False if mlock was refused, or after wipe)."""
+        return self._locked and not self._wiped
+
+    # --- destruction -------------------------------------------------------------------
+
+    def wipe(self) -> None:
+        """Overwrite the whole mapping with zeros, then unlock and unmap it. Idempotent."""
+        with self._lock:
+            if self._wiped or self._mapping is None:
+                return
+            self._wiped = True
+            self._mapping[:] = bytes(len(self._mapping))
+            if self._borrows:
+                return  # the last borrow to end unmaps
+            mapping, self._mapping = self._mapping, None
+        _release(mapping, self._address, self._locked)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.wipe()
+
+    def __del__(self) -> None:
+        try:
+            if hasattr(self, "_lock"):
+                self.wipe()
+        except Exception:  # noqa: S110 - best effort, and nothing may escape __del__
+            pass
+
+    def __repr__(self) -> str:
+        size = getattr(self, "_size", 0)
+        if getattr(self, "_wiped", True):
+            return f"SecretBytes(size={size}, wiped)"
+        return f"SecretBytes(size={size}, {'locked' if self._locked else 'not locked'})"
+
+    __str__ = __repr__
