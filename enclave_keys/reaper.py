@@ -1,0 +1,195 @@
+"""The deadline reaper (design §2, step 7): no round key outlives its round's deadline.
+
+:class:`ReaperCore` tracks every opened round's deadline (from ``RoundOpened``) and its
+last non-terminal stage (from ``RoundStageChanged``) until ``RoundComplete``. When the
+runtime reads its clock it calls :meth:`ReaperCore.tick`; every round still open past
+``deadline + grace`` is failed once with ``deadline_exceeded`` (a timeout reason, which
+the router turns into completion, which purges the key). Deadlines are absolute POSIX
+times carried in the log, so they survive restarts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from enclave_keys.errors import CorruptRecord, InvalidIdentifier
+from enclave_keys.events import (
+    Event,
+    FailureReason,
+    RoundComplete,
+    RoundFailed,
+    RoundOpened,
+    RoundStage,
+    RoundStageChanged,
+    StoredEvent,
+)
+from enclave_keys.ids import RoundId
+
+__all__ = ["DEFAULT_GRACE", "ReaperCore", "TrackedRound"]
+
+_log = structlog.get_logger(__name__)
+
+DEFAULT_GRACE: Final = 30.0
+"""Seconds past a round's deadline before the reaper fails it."""
+
+_SNAPSHOT_VERSION: Final = 1
+
+
+@dataclass(slots=True)
+class TrackedRound:
+    """A live round as the reaper sees it. ``fired``: it was already failed by deadline."""
+
+    deadline: float
+    stage: RoundStage = RoundStage.REQUESTED
+    fired: bool = False
+
+
+def _finite(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number")
+    return float(value)
+
+
+class ReaperCore:
+    """The deadline reaper's logic; implements ``Handler`` and ``Ticking``."""
+
+    name: Final = "reaper"
+    subscriptions: Final[tuple[type[Event], ...]] = (
+        RoundOpened,
+        RoundStageChanged,
+        RoundFailed,
+        RoundComplete,
+    )
+
+    def __init__(self, *, grace: float = DEFAULT_GRACE) -> None:
+        self._grace = _finite(grace, "grace")
+        if self._grace < 0:
+            raise ValueError("grace must be >= 0")
+        self._rounds: dict[RoundId, TrackedRound] = {}
+
+    @property
+    def grace(self) -> float:
+        return self._grace
+
+    def tracked(self) -> dict[RoundId, TrackedRound]:
+        """A copy of the tracked rounds."""
+        return {rid: TrackedRound(t.deadline, t.stage, t.fired) for rid, t in self._rounds.items()}
+
+    def handle(self, stored: StoredEvent) -> Sequence[Event]:
+        """Update the tracked rounds; the reaper publishes only from :meth:`tick`."""
+        self.replay(stored)
+        return ()
+
+    def replay(self, stored: StoredEvent) -> None:
+        """Apply an already-logged event (the same as :meth:`handle`, which returns nothing).
+
+        A logged ``deadline_exceeded`` failure marks the round as fired, so a restart does
+        not fail it a second time.
+        """
+        event = stored.payload
+        if isinstance(event, RoundOpened):
+            if event.round_id not in self._rounds:
+                self._rounds[event.round_id] = TrackedRound(event.deadline)
+            return
+        rid = event.round_id_or_none
+        tracked = None if rid is None else self._rounds.get(rid)
+        if rid is None or tracked is None:
+            return
+        if isinstance(event, RoundStageChanged):
+            if not event.stage.is_terminal:
+                tracked.stage = event.stage
+        elif isinstance(event, RoundFailed):
+            if event.reason is FailureReason.DEADLINE_EXCEEDED:
+                tracked.fired = True
+        elif isinstance(event, RoundComplete):
+            del self._rounds[rid]
+
+    def tick(self, now: float) -> Sequence[Event]:
+        """Fail, once each, the rounds still open past ``deadline + grace`` at ``now``."""
+        now = _finite(now, "now")
+        overdue = sorted(
+            (t.deadline, rid)
+            for rid, t in self._rounds.items()
+            if not t.fired and t.deadline + self._grace < now
+        )
+        failures: list[Event] = []
+        for deadline, rid in overdue:
+            tracked = self._rounds[rid]
+            tracked.fired = True
+            _log.warning(
+                "round_deadline_exceeded",
+                round_id=rid.value,
+                stage=tracked.stage.value,
+                deadline=deadline,
+                now=now,
+            )
+            failures.append(
+                RoundFailed(
+                    round_id=rid,
+                    failed_at=tracked.stage,
+                    reason=FailureReason.DEADLINE_EXCEEDED,
+                    detail=f"deadline {deadline} plus grace {self._grace}s passed",
+                )
+            )
+        return failures
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """``{"version": 1, "rounds": [{"round_id", "deadline", "stage", "fired"}, ...]}``."""
+        return {
+            "version": _SNAPSHOT_VERSION,
+            "rounds": [
+                {
+                    "round_id": rid.value,
+                    "deadline": t.deadline,
+                    "stage": t.stage.value,
+                    "fired": t.fired,
+                }
+                for rid, t in sorted(self._rounds.items())
+            ],
+        }
+
+    def restore_state(self, state: object) -> None:
+        """Replace the state with a snapshot; :class:`CorruptRecord` (changing nothing)
+        when it is malformed."""
+        if not isinstance(state, Mapping) or state.get("version") != _SNAPSHOT_VERSION:
+            raise CorruptRecord("reaper snapshot: not a version 1 map")
+        entries = state.get("rounds")
+        if not isinstance(entries, list | tuple):
+            raise CorruptRecord("reaper snapshot: 'rounds' must be a list")
+        rounds: dict[RoundId, TrackedRound] = {}
+        for entry in entries:
+            rid, tracked = _tracked(entry)
+            if rid in rounds:
+                raise CorruptRecord("reaper snapshot: a round is listed twice")
+            rounds[rid] = tracked
+        self._rounds = rounds
+
+    def __repr__(self) -> str:
+        return f"ReaperCore(tracked={len(self._rounds)}, grace={self._grace})"
+
+
+def _tracked(entry: object) -> tuple[RoundId, TrackedRound]:
+    if not isinstance(entry, Mapping):
+        raise CorruptRecord("reaper snapshot: a round must be a map")
+    raw_id, deadline = entry.get("round_id"), entry.get("deadline")
+    stage, fired = entry.get("stage"), entry.get("fired")
+    try:
+        rid = RoundId(raw_id) if isinstance(raw_id, str) else None
+    except InvalidIdentifier:
+        rid = None
+    if rid is None:
+        raise CorruptRecord("reaper snapshot: malformed round id")
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        raise CorruptRecord("reaper snapshot: deadline must be a number")
+    if not math.isfinite(deadline):
+        raise CorruptRecord("reaper snapshot: deadline must be finite")
+    if not isinstance(stage, str) or stage not in RoundStage._value2member_map_:
+        raise CorruptRecord("reaper snapshot: unknown stage")
+    if not isinstance(fired, bool):
+        raise CorruptRecord("reaper snapshot: 'fired' must be a boolean")
+    return rid, TrackedRound(float(deadline), RoundStage(stage), fired)

@@ -1,0 +1,474 @@
+"""The round-cipher actor: creates, stores, hands out and purges each round's key.
+
+On ``RoundOpened`` (published by the router for a fresh round) :class:`RoundCipherCore`
+generates a round key, wraps it under the active KEK, stores the wrapped blob durably,
+puts a :class:`LeasedRoundCipher` into the round's context and only then publishes
+``RoundKeyReady``. If anything fails, what was made is undone and the round fails with
+``key_creation_failed`` — there is never a fallback to the master key. On
+``RoundComplete`` the key is retired, wiped, deleted from the store and removed from the
+context, and ``RoundPurged`` is published.
+
+Consumers use the cipher under a lease (``with leased.lease() as cipher: ...``) so a
+purge waits, bounded, for operations in flight. At start the node rebuilds this core from
+the store with :meth:`RoundCipherCore.hydrate`, not from the log.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+import structlog
+
+from enclave_keys.context import ContextRegistry, DependencyKey
+from enclave_keys.crypto import (
+    Entropy,
+    Kek,
+    RoundCipher,
+    read_wrapped_header,
+    unwrap_round_key,
+    wrap_round_key,
+)
+from enclave_keys.errors import ContextClosed, CorruptRecord, RoundCipherRetired, UnwrapFailed
+from enclave_keys.events import (
+    Event,
+    FailureReason,
+    RoundComplete,
+    RoundFailed,
+    RoundKeyReady,
+    RoundOpened,
+    RoundPurged,
+    RoundStage,
+    StoredEvent,
+)
+from enclave_keys.ids import KekVersion, KeyId, RoundId
+from enclave_keys.store import Store
+
+__all__ = [
+    "ROUND_CIPHER",
+    "HydrationFailure",
+    "HydrationProblem",
+    "HydrationReport",
+    "LeasedRoundCipher",
+    "RoundCipherCore",
+]
+
+_log = structlog.get_logger(__name__)
+
+_SNAPSHOT_VERSION: Final = 1
+
+
+# --- the leased cipher ---------------------------------------------------------------------
+
+
+class LeasedRoundCipher:
+    """A round's :class:`RoundCipher`, lent out under counted leases.
+
+    ``with leased.lease() as cipher: cipher.seal(...)``. :meth:`retire` stops new leases
+    (they raise :class:`RoundCipherRetired`), waits a bounded time for open ones to end,
+    then wipes the key. Thread-safe. The repr shows the round and key id only.
+
+    ``condition`` lets a test observe the wait; leave it ``None``.
+    """
+
+    __slots__ = ("_cipher", "_cond", "_leases", "_retired")
+
+    def __init__(
+        self, cipher: RoundCipher, *, condition: threading.Condition | None = None
+    ) -> None:
+        if not isinstance(cipher, RoundCipher):
+            raise TypeError("LeasedRoundCipher wraps a RoundCipher")
+        self._cipher = cipher
+        self._cond = threading.Condition() if condition is None else condition
+        self._leases = 0
+        self._retired = False
+
+    @property
+    def round_id(self) -> RoundId:
+        return self._cipher.round_id
+
+    @property
+    def key_id(self) -> KeyId:
+        return self._cipher.key_id
+
+    @property
+    def retired(self) -> bool:
+        """True once :meth:`retire` has begun: no new lease can be taken."""
+        with self._cond:
+            return self._retired
+
+    @property
+    def open_leases(self) -> int:
+        with self._cond:
+            return self._leases
+
+    @property
+    def is_wiped(self) -> bool:
+        return self._cipher.is_wiped
+
+    @contextmanager
+    def lease(self) -> Iterator[RoundCipher]:
+        """The cipher, for the length of the block. Raises :class:`RoundCipherRetired`."""
+        with self._cond:
+            if self._retired:
+                raise RoundCipherRetired(f"round cipher of round {self.round_id} is retired")
+            self._leases += 1
+        try:
+            yield self._cipher
+        finally:
+            with self._cond:
+                self._leases -= 1
+                if self._leases == 0:
+                    self._cond.notify_all()
+
+    def retire(self, timeout: float) -> bool:
+        """Stop new leases, wait up to ``timeout`` seconds for open ones, then wipe.
+
+        Returns False if leases were still open when the wait ended: the key is wiped
+        anyway (forward secrecy wins) and ``purge_lease_timeout`` is logged. An operation
+        already inside ``AESGCM`` still completes: that object keeps its own key copy.
+        Idempotent.
+        """
+        with self._cond:
+            self._retired = True
+            drained = self._cond.wait_for(lambda: self._leases == 0, timeout=max(0.0, timeout))
+            still_open = self._leases
+        if not drained:
+            _log.warning(
+                "purge_lease_timeout",
+                round_id=self.round_id.value,
+                key_id=self.key_id.hex(),
+                open_leases=still_open,
+                timeout=timeout,
+            )
+        self._cipher.wipe()
+        return drained
+
+    def __repr__(self) -> str:
+        state = "retired" if self._retired else "live"
+        return (
+            f"LeasedRoundCipher(round_id={self.round_id.value!r},"
+            f" key_id={self.key_id.hex()!r}, {state})"
+        )
+
+
+ROUND_CIPHER: Final = DependencyKey("round_cipher", LeasedRoundCipher)
+"""Where the round's cipher lives in its :class:`~enclave_keys.context.RoundContext`."""
+
+
+# --- hydration report -------------------------------------------------------------------
+
+
+class HydrationProblem(StrEnum):
+    """Why a stored key of a live round could not be put back into its context."""
+
+    MALFORMED_BLOB = "malformed_blob"  # the header cannot be read
+    KEK_UNAVAILABLE = "kek_unavailable"  # no KEK for the version the blob names
+    UNWRAP_FAILED = "unwrap_failed"  # authentication failed (wrong KEK, tampered, moved)
+    CONTEXT_CLOSED = "context_closed"  # the round's context was torn down meanwhile
+
+
+@dataclass(frozen=True, slots=True)
+class HydrationFailure:
+    """A stored key that could not be hydrated. Holds ids only, never bytes."""
+
+    round_id: RoundId
+    problem: HydrationProblem
+    key_id: KeyId | None = None
+    kek_version: KekVersion | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HydrationReport:
+    """What :meth:`RoundCipherCore.hydrate` found, each tuple sorted by round id.
+
+    * ``hydrated``: live rounds whose cipher is now in their context;
+    * ``orphans``: stored keys whose round is not live (the node purges them);
+    * ``missing``: live rounds with no stored key at all;
+    * ``failed``: stored keys of live rounds that could not be hydrated.
+    """
+
+    hydrated: tuple[RoundId, ...] = ()
+    orphans: tuple[RoundId, ...] = ()
+    missing: tuple[RoundId, ...] = ()
+    failed: tuple[HydrationFailure, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True if every live round got its key back and no key is orphaned."""
+        return not (self.orphans or self.missing or self.failed)
+
+
+# --- the core -----------------------------------------------------------------------------
+
+
+class RoundCipherCore:
+    """The round-cipher actor's logic. See the module docstring.
+
+    ``kek`` returns the active KEK (called once per key created). ``entropy`` makes keys
+    and nonces deterministic: FOR SIMULATIONS ONLY.
+    """
+
+    name: Final = "round-cipher"
+    subscriptions: Final[tuple[type[Event], ...]] = (RoundOpened, RoundComplete)
+
+    def __init__(
+        self,
+        store: Store,
+        kek: Callable[[], Kek],
+        registry: ContextRegistry,
+        *,
+        lease_timeout: float = 5.0,
+        entropy: Entropy | None = None,
+    ) -> None:
+        if (
+            isinstance(lease_timeout, bool)
+            or not isinstance(lease_timeout, int | float)
+            or not 0 <= lease_timeout < float("inf")
+        ):
+            raise ValueError("lease_timeout must be a finite number of seconds >= 0")
+        self._store = store
+        self._kek = kek
+        self._registry = registry
+        self._lease_timeout = float(lease_timeout)
+        self._entropy = entropy
+        self._lock = threading.Lock()
+        self._held: dict[RoundId, LeasedRoundCipher] = {}
+
+    # --- queries ------------------------------------------------------------------------
+
+    def held_rounds(self) -> list[RoundId]:
+        """The rounds whose cipher this core holds, sorted."""
+        with self._lock:
+            return sorted(self._held)
+
+    def cipher_of(self, round_id: RoundId) -> LeasedRoundCipher | None:
+        """The held cipher of ``round_id``, if any."""
+        with self._lock:
+            return self._held.get(round_id)
+
+    # --- events ---------------------------------------------------------------------------
+
+    def handle(self, stored: StoredEvent) -> Sequence[Event]:
+        event = stored.payload
+        if isinstance(event, RoundOpened):
+            return self._create(event.round_id)
+        if isinstance(event, RoundComplete):
+            purged = self._purge(event.round_id)
+            return () if purged is None else (purged,)
+        return ()
+
+    def _create(self, rid: RoundId) -> Sequence[Event]:
+        fields = {"round_id": rid.value}
+        cipher: RoundCipher | None = None
+        stored = False
+        try:
+            if self.cipher_of(rid) is not None or self._store.get_key(rid) is not None:
+                _log.debug("round_key_exists", **fields)
+                return ()
+            if self._registry.get(rid) is None:
+                _log.debug("round_key_not_needed", why="round_ended", **fields)
+                return ()
+            kek = self._kek()
+            cipher = RoundCipher.generate(rid, entropy=self._entropy)
+            self._store.put_key(rid, wrap_round_key(kek, cipher))
+            stored = True
+            leased = LeasedRoundCipher(cipher)
+            context = self._registry.get(rid)
+            if context is None:
+                raise ContextClosed(f"context of round {rid} is closed")
+            context.put(ROUND_CIPHER, leased)
+            with self._lock:
+                self._held[rid] = leased
+        except ContextClosed:
+            _log.info("round_key_discarded", why="round_ended", **fields)
+            self._undo(rid, cipher, stored)
+            return ()
+        except Exception as exc:
+            _log.error("round_key_creation_failed", error_type=type(exc).__qualname__, **fields)
+            self._undo(rid, cipher, stored)
+            failed = RoundFailed(
+                round_id=rid,
+                failed_at=RoundStage.REQUESTED,
+                reason=FailureReason.KEY_CREATION_FAILED,
+                detail=type(exc).__qualname__,
+            )
+            return (failed,)
+        key_id, kek_version = cipher.key_id, kek.version
+        _log.info(
+            "round_key_created", key_id=key_id.hex(), kek_version=kek_version.number, **fields
+        )
+        return (RoundKeyReady(round_id=rid, key_id=key_id, kek_version=kek_version),)
+
+    def _undo(self, rid: RoundId, cipher: RoundCipher | None, stored: bool) -> None:
+        """Wipe what was made; delete the key if it reached the store."""
+        if cipher is not None:
+            cipher.wipe()
+        if not stored:
+            return
+        try:
+            self._store.delete_key(rid)
+        except Exception as exc:
+            # The recovery sweep deletes it at the next start (its round is not live).
+            _log.error(
+                "round_key_undo_failed", round_id=rid.value, error_type=type(exc).__qualname__
+            )
+
+    def _purge(self, rid: RoundId) -> RoundPurged | None:
+        """Retire, wipe, delete and un-context the round's key. None if there was none."""
+        with self._lock:
+            leased = self._held.pop(rid, None)
+        key_id: KeyId | None = None
+        if leased is not None:
+            key_id = leased.key_id
+            leased.retire(self._lease_timeout)
+        context = self._registry.get(rid)
+        if context is not None:
+            context.remove(ROUND_CIPHER)
+        blob = self._store.get_key(rid)
+        if blob is not None:
+            if key_id is None:
+                key_id = _key_id_of(blob)
+            self._store.delete_key(rid)
+        if key_id is None:
+            if blob is not None:
+                _log.warning("round_key_purged", round_id=rid.value, key_id=None)
+            return None
+        _log.info("round_key_purged", round_id=rid.value, key_id=key_id.hex())
+        return RoundPurged(round_id=rid, key_id=key_id)
+
+    # --- node operations ----------------------------------------------------------------
+
+    def hydrate(
+        self, kek_for_version: Callable[[KekVersion], Kek], live_rounds: Collection[RoundId]
+    ) -> HydrationReport:
+        """Put the stored key of every live round back into its context (node start).
+
+        Keys of rounds that are not live are reported as orphans and left in the store
+        for the node's recovery sweep (:meth:`purge_orphan`).
+        """
+        live = set(live_rounds)
+        hydrated: list[RoundId] = []
+        orphans: list[RoundId] = []
+        failed: list[HydrationFailure] = []
+        for rid, blob in self._store.list_keys():
+            if rid not in live:
+                orphans.append(rid)
+            elif self.cipher_of(rid) is not None:
+                hydrated.append(rid)
+            else:
+                problem = self._hydrate_one(rid, blob, kek_for_version)
+                if problem is None:
+                    hydrated.append(rid)
+                else:
+                    failed.append(problem)
+        have_key = set(hydrated) | {f.round_id for f in failed}
+        report = HydrationReport(
+            hydrated=tuple(sorted(hydrated)),
+            orphans=tuple(sorted(orphans)),
+            missing=tuple(sorted(live - have_key)),
+            failed=tuple(sorted(failed, key=lambda f: f.round_id)),
+        )
+        _log.info(
+            "round_keys_hydrated",
+            hydrated=len(report.hydrated),
+            orphans=len(report.orphans),
+            missing=len(report.missing),
+            failed=len(report.failed),
+        )
+        return report
+
+    def _hydrate_one(
+        self, rid: RoundId, blob: bytes, kek_for_version: Callable[[KekVersion], Kek]
+    ) -> HydrationFailure | None:
+        try:
+            kek_version, key_id = read_wrapped_header(blob)
+        except UnwrapFailed:
+            return self._hydration_failed(rid, HydrationProblem.MALFORMED_BLOB)
+        try:
+            kek = kek_for_version(kek_version)
+        except Exception:
+            return self._hydration_failed(
+                rid, HydrationProblem.KEK_UNAVAILABLE, key_id, kek_version
+            )
+        try:
+            cipher = unwrap_round_key(kek, rid, blob, entropy=self._entropy)
+        except UnwrapFailed:
+            return self._hydration_failed(rid, HydrationProblem.UNWRAP_FAILED, key_id, kek_version)
+        leased = LeasedRoundCipher(cipher)
+        try:
+            self._registry.open(rid).put(ROUND_CIPHER, leased)
+        except ContextClosed:
+            cipher.wipe()
+            return self._hydration_failed(rid, HydrationProblem.CONTEXT_CLOSED, key_id, kek_version)
+        with self._lock:
+            self._held[rid] = leased
+        _log.debug("round_key_hydrated", round_id=rid.value, key_id=key_id.hex())
+        return None
+
+    @staticmethod
+    def _hydration_failed(
+        rid: RoundId,
+        problem: HydrationProblem,
+        key_id: KeyId | None = None,
+        kek_version: KekVersion | None = None,
+    ) -> HydrationFailure:
+        _log.warning(
+            "round_key_hydration_failed",
+            round_id=rid.value,
+            problem=problem.value,
+            key_id=None if key_id is None else key_id.hex(),
+            kek_version=None if kek_version is None else kek_version.number,
+        )
+        return HydrationFailure(rid, problem, key_id, kek_version)
+
+    def purge_orphan(self, round_id: RoundId) -> RoundPurged | None:
+        """Purge a round's key for the recovery sweep; the event for the node to publish.
+
+        ``None`` when nothing was held or stored for the round (or the stored blob's
+        header could not be read — the blob is deleted all the same).
+        """
+        return self._purge(round_id)
+
+    def wipe_all(self) -> None:
+        """Retire and wipe every held cipher (node stop). The store is not touched."""
+        with self._lock:
+            held, self._held = self._held, {}
+        for rid, leased in sorted(held.items()):
+            leased.retire(self._lease_timeout)
+            context = self._registry.get(rid)
+            if context is not None:
+                context.remove(ROUND_CIPHER)
+        if held:
+            _log.info("round_keys_wiped", count=len(held))
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """``{"version": 1, "held": [round id, ...]}`` — informational only.
+
+        This core is rebuilt from the store (:meth:`hydrate`), never from a snapshot.
+        """
+        return {"version": _SNAPSHOT_VERSION, "held": [rid.value for rid in self.held_rounds()]}
+
+    def restore_state(self, state: object) -> None:
+        """Check a :meth:`snapshot_state` for form (``CorruptRecord``); changes nothing."""
+        if not isinstance(state, dict) or state.get("version") != _SNAPSHOT_VERSION:
+            raise CorruptRecord("round-cipher snapshot: not a version 1 map")
+        held = state.get("held")
+        if not isinstance(held, list | tuple) or not all(isinstance(r, str) for r in held):
+            raise CorruptRecord("round-cipher snapshot: 'held' must be a list of round ids")
+
+    def __repr__(self) -> str:
+        return f"RoundCipherCore(held={len(self.held_rounds())})"
+
+
+def _key_id_of(blob: bytes) -> KeyId | None:
+    try:
+        return read_wrapped_header(blob)[1]
+    except UnwrapFailed:
+        return None

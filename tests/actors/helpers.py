@@ -1,0 +1,62 @@
+"""Builders shared by the actor-core tests: stored events, KEKs, stores."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from enclave_keys.crypto import Kek, SecretBytes
+from enclave_keys.events import Event, StoredEvent
+from enclave_keys.ids import EventId, KekVersion
+from enclave_keys.store import LmdbStore, MemoryBacking, MemoryStore, Store
+
+T0 = 1_700_000_000.0
+_sequence = itertools.count(1)
+
+
+def stored(payload: Event, *, source: str = "test", timestamp: float = T0) -> StoredEvent:
+    """``payload`` as a logged event with the next sequence number and a fresh id."""
+    return StoredEvent(
+        sequence=next(_sequence),
+        event_id=EventId.random(),
+        timestamp=timestamp,
+        source=source,
+        payload=payload,
+    )
+
+
+def make_kek(version: int = 1, key: bytes | None = None) -> Kek:
+    """A KEK of ``version``: random, or from ``key`` (32 bytes) when a test needs them."""
+    secret = SecretBytes.random(32) if key is None else SecretBytes.from_bytes(key)
+    return Kek(KekVersion(version), secret)
+
+
+class RecordingEntropy:
+    """A seeded entropy source that remembers every chunk it handed out (tests only)."""
+
+    def __init__(self, seed: int = 7) -> None:
+        self._rng = random.Random(seed)
+        self.chunks: list[bytes] = []
+
+    def __call__(self, size: int) -> bytes:
+        chunk = self._rng.randbytes(size)
+        self.chunks.append(chunk)
+        return chunk
+
+    def secrets_of_size(self, size: int) -> list[bytes]:
+        return [c for c in self.chunks if len(c) == size]
+
+
+StoreOpener = Callable[[], Store]
+
+
+def memory_opener() -> StoreOpener:
+    """Opens stores over one shared in-memory backing (a "restart" sees committed data)."""
+    backing = MemoryBacking()
+    return lambda: MemoryStore(backing)
+
+
+def lmdb_opener(path: Path) -> StoreOpener:
+    return lambda: LmdbStore.open(path)

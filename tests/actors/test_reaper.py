@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from enclave_keys.clock import ManualClock
+from enclave_keys.errors import CorruptRecord
+from enclave_keys.events import (
+    FailureReason,
+    RoundComplete,
+    RoundFailed,
+    RoundOpened,
+    RoundStage,
+    RoundStageChanged,
+)
+from enclave_keys.handler import Handler, Ticking
+from enclave_keys.ids import RoundId
+from enclave_keys.reaper import ReaperCore, TrackedRound
+from tests.actors.helpers import T0, stored
+
+R = RoundId("e3:1")
+DEADLINE = T0 + 60.0
+GRACE = 30.0
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def reaper() -> ReaperCore:
+    core = ReaperCore(grace=GRACE)
+    core.handle(stored(RoundOpened(round_id=R, deadline=DEADLINE)))
+    return core
+
+
+def overdue(round_id: RoundId = R, stage: RoundStage = RoundStage.REQUESTED) -> RoundFailed:
+    return RoundFailed(
+        round_id=round_id,
+        failed_at=stage,
+        reason=FailureReason.DEADLINE_EXCEEDED,
+        detail=f"deadline {DEADLINE} plus grace {GRACE}s passed",
+    )
+
+
+def test_reaper_is_a_ticking_handler(reaper: ReaperCore) -> None:
+    assert isinstance(reaper, Handler)
+    assert isinstance(reaper, Ticking)
+    assert reaper.name == "reaper"
+
+
+def test_fires_once_past_deadline_plus_grace(reaper: ReaperCore, clock: ManualClock) -> None:
+    clock.set(DEADLINE)
+    assert reaper.tick(clock.now()) == []
+    clock.set(DEADLINE + GRACE)
+    assert reaper.tick(clock.now()) == []  # not before: strictly past deadline + grace
+    clock.advance(0.001)
+    assert reaper.tick(clock.now()) == [overdue()]
+    clock.advance(3600)
+    assert reaper.tick(clock.now()) == []  # not again
+    assert reaper.tracked()[R].fired
+
+
+def test_fails_at_the_last_known_stage(reaper: ReaperCore, clock: ManualClock) -> None:
+    reaper.handle(stored(RoundStageChanged(round_id=R, stage=RoundStage.KEY_GENERATION)))
+    reaper.handle(stored(RoundStageChanged(round_id=R, stage=RoundStage.FAILED)))  # terminal
+    clock.set(DEADLINE + GRACE + 1)
+    assert reaper.tick(clock.now()) == [overdue(stage=RoundStage.KEY_GENERATION)]
+
+
+def test_not_after_completion(reaper: ReaperCore, clock: ManualClock) -> None:
+    assert reaper.handle(stored(RoundComplete(round_id=R))) == ()
+    clock.set(DEADLINE + GRACE + 1)
+    assert reaper.tick(clock.now()) == []
+    assert reaper.tracked() == {}
+
+
+def test_overdue_rounds_fire_in_deadline_order(clock: ManualClock) -> None:
+    reaper = ReaperCore(grace=0.0)
+    for name, deadline in (("c", T0 + 3), ("a", T0 + 2), ("b", T0 + 1), ("late", T0 + 100)):
+        reaper.handle(stored(RoundOpened(round_id=RoundId(name), deadline=deadline)))
+    clock.set(T0 + 10)
+    fired = reaper.tick(clock.now())
+    assert [e.round_id_or_none for e in fired] == [RoundId("b"), RoundId("a"), RoundId("c")]
+
+
+def test_events_for_untracked_rounds_are_ignored(clock: ManualClock) -> None:
+    reaper = ReaperCore()
+    other = RoundId("other")
+    reaper.handle(stored(RoundStageChanged(round_id=other, stage=RoundStage.COMPUTE)))
+    reaper.handle(stored(RoundComplete(round_id=other)))
+    assert reaper.tracked() == {}
+    assert reaper.tick(clock.now() + 10**6) == []
+
+
+def test_a_duplicate_opened_changes_nothing(reaper: ReaperCore, clock: ManualClock) -> None:
+    clock.set(DEADLINE + GRACE + 1)
+    reaper.tick(clock.now())
+    reaper.handle(stored(RoundOpened(round_id=R, deadline=DEADLINE + 10_000)))
+    assert reaper.tracked()[R] == TrackedRound(DEADLINE, RoundStage.REQUESTED, fired=True)
+
+
+def test_a_logged_deadline_failure_is_not_repeated_after_a_restart(clock: ManualClock) -> None:
+    restarted = ReaperCore(grace=GRACE)
+    restarted.replay(stored(RoundOpened(round_id=R, deadline=DEADLINE)))
+    restarted.replay(stored(overdue(), source="reaper"))
+    clock.set(DEADLINE + GRACE + 1)
+    assert restarted.tick(clock.now()) == []
+
+
+def test_other_failures_do_not_count_as_fired(reaper: ReaperCore, clock: ManualClock) -> None:
+    misbehaviour = RoundFailed(
+        round_id=R, failed_at=RoundStage.COMPUTE, reason=FailureReason.VERIFICATION_FAILED
+    )
+    reaper.handle(stored(misbehaviour))  # accusation phase: the reaper still ends it
+    clock.set(DEADLINE + GRACE + 1)
+    assert reaper.tick(clock.now()) == [overdue()]
+
+
+def test_snapshot_round_trips_through_msgpack(reaper: ReaperCore, clock: ManualClock) -> None:
+    reaper.handle(stored(RoundOpened(round_id=RoundId("b"), deadline=DEADLINE + 1000)))
+    reaper.handle(stored(RoundStageChanged(round_id=RoundId("b"), stage=RoundStage.COMPUTE)))
+    clock.set(DEADLINE + GRACE + 1)
+    reaper.tick(clock.now())
+    snapshot = reaper.snapshot_state()
+    assert snapshot == {
+        "version": 1,
+        "rounds": [
+            {"round_id": "b", "deadline": DEADLINE + 1000, "stage": "compute", "fired": False},
+            {"round_id": "e3:1", "deadline": DEADLINE, "stage": "requested", "fired": True},
+        ],
+    }
+    restored = ReaperCore(grace=GRACE)
+    restored.restore_state(msgpack.unpackb(msgpack.packb(snapshot), raw=False))
+    assert restored.snapshot_state() == snapshot
+    assert restored.tick(clock.now()) == []
+
+
+GOOD = {"round_id": "a", "deadline": T0, "stage": "compute", "fired": False}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        {"version": 1},
+        {"version": 0, "rounds": []},
+        {"version": 1, "rounds": ["a"]},
+        {"version": 1, "rounds": [{**GOOD, "round_id": "?"}]},
+        {"version": 1, "rounds": [{**GOOD, "round_id": 1}]},
+        {"version": 1, "rounds": [{**GOOD, "deadline": "x"}]},
+        {"version": 1, "rounds": [{**GOOD, "deadline": float("inf")}]},
+        {"version": 1, "rounds": [{**GOOD, "stage": "done"}]},
+        {"version": 1, "rounds": [{**GOOD, "fired": 0}]},
+        {"version": 1, "rounds": [GOOD, GOOD]},
+    ],
+)
+def test_malformed_snapshots_are_refused(reaper: ReaperCore, bad: object) -> None:
+    before = reaper.snapshot_state()
+    with pytest.raises(CorruptRecord):
+        reaper.restore_state(bad)
+    assert reaper.snapshot_state() == before
+
+
+def test_grace_and_now_are_validated(reaper: ReaperCore) -> None:
+    for bad in (-1.0, float("nan"), float("inf"), True, "30"):
+        with pytest.raises(ValueError, match="grace"):
+            ReaperCore(grace=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="now"):
+        reaper.tick(float("nan"))
