@@ -29,6 +29,8 @@ LAYERS: dict[str, int] = {
     "enclave_keys.keyshare": 4,
     "enclave_keys.reaper": 4,
     "enclave_keys.node": 5,
+    "enclave_keys.unseal": 5,
+    "enclave_keys.snapshot": 5,
     "enclave_keys.cli": 6,
     "enclave_keys.testing": 6,
 }
