@@ -152,6 +152,10 @@ class Node:
         return self._store
 
     @property
+    def config(self) -> NodeConfig:
+        return self._config
+
+    @property
     def registry(self) -> ContextRegistry:
         """The open round contexts: resolve a round's cipher with ``ROUND_CIPHER``."""
         return self._registry

@@ -1,0 +1,83 @@
+"""Calling a core, with failure isolation: the part both runtimes' shells share.
+
+A handler that raises (or returns something that is not a sequence of events) never
+takes the runtime down. :func:`deliver` catches the exception, logs ``handler_failed``
+with the handler's name, the event's sequence and the exception's *type* — never its
+message or arguments, which could hold secrets — and returns a request to publish
+:class:`~enclave_keys.events.HandlerFailed` (source ``"runtime"``, caused by the event).
+The handler keeps receiving later events.
+
+To stop a cascade, a failure while handling a ``HandlerFailed`` event is logged only.
+A failing :meth:`~enclave_keys.handler.Ticking.tick` is logged only as well
+(``handler_tick_failed``): ``HandlerFailed`` names the *event* that failed, and a tick
+has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, cast
+
+import structlog
+
+from enclave_keys.bus import PublishRequest, Subscriber, qualified_type_name
+from enclave_keys.events import Event, HandlerFailed, StoredEvent
+from enclave_keys.handler import Ticking
+
+__all__ = ["RUNTIME_SOURCE", "deliver", "tick"]
+
+_log = structlog.get_logger(__name__)
+
+RUNTIME_SOURCE: Final = "runtime"
+"""The ``source`` of what the runtime publishes itself (``HandlerFailed``)."""
+
+
+def deliver(subscriber: Subscriber, stored: StoredEvent) -> PublishRequest | None:
+    """Hand ``stored`` to the subscriber's handler; return what to publish, if anything."""
+    try:
+        events = _events(subscriber.handler.handle(stored))
+    except Exception as exc:
+        return _failed(subscriber, stored, exc)
+    if not events:
+        return None
+    return PublishRequest(events, subscriber.name, stored)
+
+
+def tick(subscriber: Subscriber, now: float) -> PublishRequest | None:
+    """Call the subscriber's ``tick(now)``; return what to publish (no cause), if anything."""
+    try:
+        events = _events(cast(Ticking, subscriber.handler).tick(now))
+    except Exception as exc:
+        _log.warning(
+            "handler_tick_failed", handler=subscriber.name, error_type=qualified_type_name(exc)
+        )
+        return None
+    if not events:
+        return None
+    return PublishRequest(events, subscriber.name)
+
+
+def _events(returned: Iterable[Event]) -> tuple[Event, ...]:
+    """What a handler returned, as a tuple of events; ``TypeError`` for anything else."""
+    events = tuple(returned)
+    for event in events:
+        if not isinstance(event, Event):
+            raise TypeError(f"a handler returned a {type(event).__name__}, not an Event")
+    return events
+
+
+def _failed(subscriber: Subscriber, stored: StoredEvent, error: Exception) -> PublishRequest | None:
+    error_type = qualified_type_name(error)
+    _log.warning(
+        "handler_failed",
+        handler=subscriber.name,
+        sequence=stored.sequence,
+        tag=stored.tag,
+        error_type=error_type,
+    )
+    if isinstance(stored.payload, HandlerFailed):
+        return None  # no HandlerFailed about a HandlerFailed: that could loop forever
+    report = HandlerFailed(
+        subscriber=subscriber.name, failed_sequence=stored.sequence, error_type=error_type
+    )
+    return PublishRequest((report,), RUNTIME_SOURCE, stored)
