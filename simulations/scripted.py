@@ -1,14 +1,16 @@
-"""A scripted round lifecycle on real LMDB files with real crypto.
+"""The main job until the full simulator lands: a scripted run of one real node.
 
-For each round: request it, create a fresh round key, wrap it under the node's KEK, store
-the wrapped key and the events in one durable batch, seal a keyshare under the round key,
-then end the round (complete, time out, or misbehave and then complete) or leave it live.
-Ending a round deletes its wrapped key and wipes it from memory. Finally the store is
-closed and reopened, and the run checks what must hold: every live round's keyshare opens
-after the restart, no ended round's key is left, the log decodes end to end.
+A node opens a local LMDB directory (unsealed with a passphrase), then ``--rounds``
+rounds go through their life on real Pykka actors (or the deterministic dispatcher) with
+real crypto: requested, keyed (a fresh AES-256-GCM key, wrapped and stored durably),
+given a sealed keyshare, then ended by a seeded mix of outcomes — complete, a timeout
+failure, misbehaviour followed by completion, terminal events lost so the deadline reaper
+must end the round — or left live. The node is stopped and reopened, and the run checks
+what must hold after the restart: every live round's keyshare opens under its round key,
+no ended round's key is left in the store or in memory, the log decodes end to end.
 
 The passphrase comes from ``ENCLAVE_KEYS_DEMO_PASSPHRASE`` (a fixed demo phrase when
-unset): this is a demonstration, not a way to run a production node.
+unset): this is a demonstration, not how to run a production node.
 """
 
 from __future__ import annotations
@@ -23,165 +25,116 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enclave_keys.clock import SystemClock
-from enclave_keys.crypto import (
-    Kek,
-    PassphraseRecord,
-    RoundCipher,
-    enroll_passphrase,
-    unlock_passphrase,
-    unwrap_round_key,
-    wrap_round_key,
-)
-from enclave_keys.errors import UnwrapFailed
+from enclave_keys.clock import ManualClock
+from enclave_keys.errors import EnclaveKeysError
 from enclave_keys.events import (
     Event,
     FailureReason,
-    KeyshareCreated,
     RoundComplete,
     RoundFailed,
-    RoundKeyReady,
-    RoundPurged,
     RoundRequested,
     RoundStage,
-    StoredEvent,
 )
-from enclave_keys.ids import EventId, KekVersion, RoundId
+from enclave_keys.ids import RoundId
+from enclave_keys.keyshare import KEYSHARE_PURPOSE
 from enclave_keys.log import configure_logging
-from enclave_keys.store import LmdbStore
+from enclave_keys.node import Node, NodeConfig
+from enclave_keys.round_cipher import ROUND_CIPHER
+from enclave_keys.unseal import PassphraseUnseal
 
 PASSPHRASE_ENV = "ENCLAVE_KEYS_DEMO_PASSPHRASE"  # noqa: S105 (a variable name)
 DEMO_PASSPHRASE = "enclave-keys demo passphrase (not for production)"  # noqa: S105
-PASSPHRASE_META = "demo.passphrase_record"  # noqa: S105 (a record name)
-KEYSHARE_PURPOSE = "keyshare"
-OUTCOMES = ("complete", "timeout", "misbehaviour_then_complete", "live")
+OUTCOMES = ("complete", "timeout", "misbehaviour_then_complete", "reaper", "live")
+ROUND_LIFETIME = 600.0  # protocol seconds from request to deadline
+BATCH = 50  # rounds requested per publish (one group commit)
 
 
 @dataclass
-class Run:
-    store: LmdbStore
-    kek: Kek
-    rng: random.Random
-    source: str = "scripted-demo"
-    shares: dict[RoundId, bytes] = field(default_factory=dict)
-    ended: set[RoundId] = field(default_factory=set)
-    outcomes: Counter[str] = field(default_factory=Counter)
+class Plan:
+    """The seeded script: which outcome each round gets."""
 
-    def append(
-        self,
-        batch_events: Sequence[Event],
-        *,
-        put_key: tuple[RoundId, bytes] | None = None,
-        delete_key: RoundId | None = None,
-    ) -> None:
-        """Append events, and put or delete one wrapped key, in one durable batch."""
-        clock = SystemClock()
-        first = self.store.last_sequence() + 1
-        stored = [
-            StoredEvent(
-                sequence=first + i,
-                event_id=EventId.random(self.rng),
-                timestamp=clock.now(),
-                source=self.source,
-                payload=event,
-            )
-            for i, event in enumerate(batch_events)
-        ]
-        with self.store.write() as batch:
-            batch.append_events(stored)
-            if put_key is not None:
-                batch.put_key(*put_key)
-            if delete_key is not None:
-                batch.delete_key(delete_key)
+    outcomes: dict[RoundId, str] = field(default_factory=dict)
+
+    @classmethod
+    def draw(cls, rng: random.Random, rounds: int, prefix: str) -> Plan:
+        return cls({RoundId(f"{prefix}:{n}"): rng.choice(OUTCOMES) for n in range(rounds)})
+
+    def rounds(self, outcome: str) -> list[RoundId]:
+        return [rid for rid, o in self.outcomes.items() if o == outcome]
+
+    @property
+    def ended(self) -> set[RoundId]:
+        return {rid for rid, o in self.outcomes.items() if o != "live"}
 
 
-def unlock(store: LmdbStore) -> Kek:
-    passphrase = os.environ.get(PASSPHRASE_ENV, DEMO_PASSPHRASE)
-    raw = store.get_meta(PASSPHRASE_META)
-    if raw is None:
-        record, root = enroll_passphrase(passphrase)
-        store.put_meta(PASSPHRASE_META, record.to_bytes())
-    else:
-        root = unlock_passphrase(passphrase, PassphraseRecord.from_bytes(raw))
-    # Until the keyring lands, the passphrase-derived root key serves as KEK version 1.
-    return Kek(KekVersion(1), root)
-
-
-def _run_round(run: Run, round_id: RoundId, outcome: str) -> None:
-    requested = RoundRequested(
-        round_id=round_id, deadline=time.time() + 3600, threshold=2, committee_size=3
-    )
-    run.append([requested])
-    cipher = RoundCipher.generate(round_id)
-    wrapped = wrap_round_key(run.kek, cipher)
-    ready = RoundKeyReady(round_id=round_id, key_id=cipher.key_id, kek_version=run.kek.version)
-    run.append([ready], put_key=(round_id, wrapped))
-    share = run.rng.randbytes(256)
-    sealed = cipher.seal(KEYSHARE_PURPOSE, share)
-    run.append([KeyshareCreated(round_id=round_id, key_id=cipher.key_id, ciphertext=sealed)])
-    run.shares[round_id] = share
-    run.outcomes[outcome] += 1
-
-    ending: list[Event] = []
-    if outcome == "timeout":
-        ending = [
-            RoundFailed(
-                round_id=round_id,
-                failed_at=RoundStage.KEY_GENERATION,
-                reason=FailureReason.DKG_TIMEOUT,
-            ),
-        ]
-    elif outcome == "misbehaviour_then_complete":
-        run.append(
-            [
-                RoundFailed(
-                    round_id=round_id,
-                    failed_at=RoundStage.DECRYPTION,
-                    reason=FailureReason.INVALID_DECRYPTION_SHARES,
+def drive(node: Node, clock: ManualClock, plan: Plan) -> None:
+    """Request every round, then end each as the plan says."""
+    rids = list(plan.outcomes)
+    for start in range(0, len(rids), BATCH):
+        node.publish(
+            *(
+                RoundRequested(
+                    round_id=r,
+                    # Live rounds must outlast the run; every other deadline passes in it.
+                    deadline=clock.now()
+                    + ROUND_LIFETIME * (1000 if plan.outcomes[r] == "live" else 1),
+                    threshold=2,
+                    committee_size=3,
                 )
-            ]
+                for r in rids[start : start + BATCH]
+            )
         )
-    if outcome != "live":
-        ending += [
-            RoundComplete(round_id=round_id),
-            RoundPurged(round_id=round_id, key_id=cipher.key_id),
-        ]
-        run.append(ending, delete_key=round_id)
-        run.ended.add(round_id)
-    cipher.wipe()
+    node.wait_idle()
+
+    endings: list[Event] = []
+    for rid in plan.rounds("complete"):
+        endings.append(RoundComplete(round_id=rid))
+    for rid in plan.rounds("timeout"):
+        endings.append(_failed(rid, RoundStage.KEY_GENERATION, FailureReason.DKG_TIMEOUT))
+    for rid in plan.rounds("misbehaviour_then_complete"):
+        endings.append(_failed(rid, RoundStage.DECRYPTION, FailureReason.INVALID_DECRYPTION_SHARES))
+        endings.append(RoundComplete(round_id=rid))
+    node.publish(*endings)
+    node.wait_idle()
+
+    # The "reaper" rounds never get a terminal event: only their deadline ends them.
+    clock.advance(ROUND_LIFETIME + node.config.reaper_grace + 1)
+    node.tick()
+    node.wait_idle()
 
 
-def run_rounds(store: LmdbStore, kek: Kek, rng: random.Random, rounds: int, *, prefix: str) -> Run:
-    """Drive ``rounds`` rounds to a seeded mix of outcomes; return what happened."""
-    run = Run(store=store, kek=kek, rng=rng)
-    for n in range(rounds):
-        _run_round(run, RoundId(f"{prefix}:{n}"), rng.choice(OUTCOMES))
-    return run
+def _failed(rid: RoundId, stage: RoundStage, reason: FailureReason) -> RoundFailed:
+    return RoundFailed(round_id=rid, failed_at=stage, reason=reason)
 
 
-def verify(store: LmdbStore, kek: Kek, run: Run) -> list[str]:
-    """Check the properties after reopening; return the violations (empty when all hold)."""
+def verify(node: Node, plan: Plan) -> list[str]:
+    """The properties after a restart; returns the violations (empty when all hold)."""
     problems: list[str] = []
-    sealed = {
-        e.payload.round_id: e.payload.ciphertext
-        for e in store.read_events()
-        if isinstance(e.payload, KeyshareCreated)
-    }
-    for round_id, share in run.shares.items():
-        blob = store.get_key(round_id)
-        if round_id in run.ended:
-            if blob is not None:
-                problems.append(f"ended round {round_id} still has a stored key")
+    for rid, outcome in plan.outcomes.items():
+        stored = node.store.get_key(rid)
+        context = node.registry.get(rid)
+        if outcome != "live":
+            if stored is not None:
+                problems.append(f"ended round {rid} still has a stored key")
+            if context is not None and context.get(ROUND_CIPHER) is not None:
+                problems.append(f"ended round {rid} still has a cipher in memory")
             continue
-        if blob is None:
-            problems.append(f"live round {round_id} lost its key")
+        share = node.keyshare.keyshare_of(rid)
+        if stored is None or context is None or share is None:
+            problems.append(f"live round {rid} lost its key or keyshare")
             continue
-        with unwrap_round_key(kek, round_id, blob) as cipher:
-            try:
-                if cipher.open(KEYSHARE_PURPOSE, sealed[round_id]) != share:
-                    problems.append(f"live round {round_id}: keyshare differs")
-            except UnwrapFailed:
-                problems.append(f"live round {round_id}: keyshare does not open")
+        try:
+            with context.require(ROUND_CIPHER).lease() as cipher:
+                cipher.open(KEYSHARE_PURPOSE, share[1])
+        except EnclaveKeysError as exc:
+            problems.append(f"live round {rid}: keyshare does not open ({type(exc).__name__})")
+    try:
+        events = sum(1 for _ in node.store.read_events())
+    except EnclaveKeysError as exc:
+        problems.append(f"the log does not decode ({type(exc).__name__})")
+        events = 0
+    if events == 0:
+        problems.append("the log is empty")
     return problems
 
 
@@ -199,36 +152,46 @@ def _clear_store(path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations", description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=Path("demo-data"))
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--runtime", choices=("pykka", "deterministic"), default="pykka")
     parser.add_argument("--keep", action="store_true", help="reuse an existing data directory")
     args = parser.parse_args(argv)
-    configure_logging(level=logging.WARNING)
-
+    configure_logging(level=logging.ERROR)  # the reaper warns per round it ends: noisy here
     if not args.keep:
         _clear_store(args.data_dir)
-    rng = random.Random(args.seed)
+
+    plan = Plan.draw(random.Random(args.seed), args.rounds, prefix=f"e3:{args.seed}")
+    clock = ManualClock()
+    config = NodeConfig(runtime=args.runtime, seed=args.seed)
+    unseal = PassphraseUnseal(os.environ.get(PASSPHRASE_ENV, DEMO_PASSPHRASE))
     started = time.perf_counter()
 
-    with LmdbStore.open(args.data_dir) as store:
-        run = run_rounds(store, unlock(store), rng, args.rounds, prefix=f"e3:{args.seed}")
-        run.kek.wipe()
+    with Node.open(args.data_dir, unseal, clock=clock, config=config) as node:
+        drive(node, clock, plan)
+    driven = time.perf_counter() - started
 
-    with LmdbStore.open(args.data_dir) as store:  # restart: everything must come back
-        kek = unlock(store)
-        problems = verify(store, kek, run)
-        events = sum(1 for _ in store.read_events())
-        live_keys = store.key_count()
-        kek.wipe()
+    with Node.open(args.data_dir, unseal, clock=clock, config=config) as node:  # restart
+        problems = verify(node, plan)
+        recovery = node.recovery
+        events = node.store.last_sequence()
+        live_keys = node.store.key_count()
 
-    elapsed = time.perf_counter() - started
-    print(f"data directory   {args.data_dir}")
-    print(f"rounds           {args.rounds} (seed {args.seed})")
+    counts = Counter(plan.outcomes.values())
+    print(f"data directory   {args.data_dir}  (runtime {args.runtime}, seed {args.seed})")
+    print(f"rounds           {args.rounds}")
     for outcome in OUTCOMES:
-        print(f"  {outcome:<27} {run.outcomes[outcome]}")
+        print(f"  {outcome:<27} {counts[outcome]}")
     print(f"events in log    {events}")
-    print(f"live round keys  {live_keys} stored, {len(run.shares) - len(run.ended)} expected")
-    print(f"elapsed          {elapsed:.2f} s")
+    print(
+        f"restart          {len(recovery.hydrated)} live keys hydrated, "
+        f"{len(recovery.purged)} purged, {len(recovery.failed)} failed by recovery"
+    )
+    print(f"live round keys  {live_keys} stored, {counts['live']} expected")
+    print(
+        f"elapsed          {driven:.2f} s driving, "
+        f"{time.perf_counter() - started:.2f} s with restart and checks"
+    )
     for problem in problems:
         print(f"VIOLATION: {problem}")
     print("invariants       " + ("all hold" if not problems else f"{len(problems)} violated"))

@@ -5,16 +5,22 @@ from pathlib import Path
 
 import pytest
 
+from enclave_keys.clock import ManualClock
+from enclave_keys.crypto import SecretBytes
 from enclave_keys.events import KeyshareCreated, RoundPurged
+from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore
-from simulations.scripted import main, run_rounds, unlock, verify
+from enclave_keys.unseal import KeyUnseal
+from simulations.scripted import Plan, drive, main, verify
 
 
-def test_scripted_lifecycle_holds_its_invariants(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("runtime", ["deterministic", "pykka"])
+def test_the_main_job_holds_its_invariants(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runtime: str
 ) -> None:
     data = tmp_path / "node"
-    assert main(["--data-dir", str(data), "--rounds", "24", "--seed", "3"]) == 0
+    argv = ["--data-dir", str(data), "--rounds", "60", "--seed", "3", "--runtime", runtime]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "invariants       all hold" in out
 
@@ -23,29 +29,29 @@ def test_scripted_lifecycle_holds_its_invariants(
         created = {e.payload.round_id for e in events if isinstance(e.payload, KeyshareCreated)}
         purged = {e.payload.round_id for e in events if isinstance(e.payload, RoundPurged)}
         stored = {round_id for round_id, _ in store.list_keys()}
-    assert len(created) == 24
+    assert len(created) == 60
     assert stored == created - purged  # exactly the live rounds keep a key
     assert f"live round keys  {len(stored)} stored, {len(stored)} expected" in out
 
 
 def test_the_checker_reports_a_lost_live_key_and_a_leftover_ended_key(tmp_path: Path) -> None:
-    with LmdbStore.open(tmp_path / "node") as store:
-        kek = unlock(store)
-        run = run_rounds(store, kek, random.Random(9), 16, prefix="t")
-        assert verify(store, kek, run) == []
-        live = sorted(set(run.shares) - run.ended)
-        ended = sorted(run.ended)
-        assert live
-        assert ended
-        leftover = store.get_key(live[1])
+    plan = Plan.draw(random.Random(9), 30, prefix="t")
+    clock = ManualClock()
+    config = NodeConfig(runtime="deterministic")
+    master = SecretBytes.random(32)
+    with master, Node.open(tmp_path, KeyUnseal(master), clock=clock, config=config) as node:
+        drive(node, clock, plan)
+        assert verify(node, plan) == []
+        live = sorted(set(plan.outcomes) - plan.ended)
+        ended = sorted(plan.ended)
+        leftover = node.store.get_key(live[1])
         assert leftover is not None
-        store.delete_key(live[0])
-        store.put_key(ended[0], leftover)
-        problems = verify(store, kek, run)
-        kek.wipe()
-    assert sorted(problems) == sorted(
-        [f"live round {live[0]} lost its key", f"ended round {ended[0]} still has a stored key"]
-    )
+        node.store.delete_key(live[0])
+        node.store.put_key(ended[0], leftover)
+        problems = verify(node, plan)
+    assert f"live round {live[0]} lost its key or keyshare" in problems
+    assert f"ended round {ended[0]} still has a stored key" in problems
+    assert len(problems) == 2
 
 
 def test_the_demo_refuses_to_clear_a_directory_that_is_not_a_store(tmp_path: Path) -> None:
