@@ -133,3 +133,50 @@ class RoundCipherRetired(LifecycleError):
 
 class LeaseTimeout(LifecycleError):
     """Open leases did not end within the bounded wait."""
+
+
+# --- master keys: unseal, keyring, ceremony, HSM -------------------------------------
+
+
+class MasterKeyError(EnclaveKeysError):
+    """Base for failures of the master-key hierarchy (unseal sources and the keyring)."""
+
+
+class Sealed(MasterKeyError):
+    """The keyring is sealed (not yet unsealed, or sealed again): no KEK can be used."""
+
+
+class UnknownKekVersion(MasterKeyError):
+    """A blob names a KEK version the keyring does not have."""
+
+
+class KekRetired(MasterKeyError):
+    """The KEK version is retired: its key is destroyed and it can no longer unwrap."""
+
+
+class UnsealMismatch(MasterKeyError):
+    """The store was initialised with a different unseal method, or is not initialised."""
+
+
+class AlreadyInitialised(MasterKeyError):
+    """The store already has a root key and keyring; initialising again would lose them."""
+
+
+class CeremonyError(MasterKeyError):
+    """Base for a rejected key-ceremony share (the message never contains share words)."""
+
+
+class InvalidShare(CeremonyError):
+    """The share is malformed: wrong words, bad checksum, wrong length."""
+
+
+class DuplicateShare(CeremonyError):
+    """This share (same index) was already submitted in the current ceremony."""
+
+
+class MismatchedShare(CeremonyError):
+    """The share belongs to another share set, or the combined set fails its digest."""
+
+
+class HsmError(MasterKeyError):
+    """The PKCS#11 token is unreachable, refuses the PIN, or lacks the wrapping key."""
