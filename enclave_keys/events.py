@@ -52,16 +52,22 @@ __all__ = [
     "FrozenStrMap",
     "HandlerFailed",
     "IntRange",
+    "KekRotated",
     "KeyshareCreated",
     "Length",
     "Matches",
     "MemberCount",
     "Name",
+    "NodeSealed",
+    "NodeUnsealed",
     "QualifiedName",
+    "RootRekeyed",
+    "RoundAlreadyCompleted",
     "RoundComplete",
     "RoundEvent",
     "RoundFailed",
     "RoundKeyReady",
+    "RoundOpened",
     "RoundPurged",
     "RoundRequested",
     "RoundStage",
@@ -69,6 +75,8 @@ __all__ = [
     "SequenceNumber",
     "StoredEvent",
     "Text",
+    "UnsealMethod",
+    "UnsealProgress",
     "event_class",
     "event_type",
     "field_spec",
@@ -774,6 +782,54 @@ class HandlerFailed(Event):
     subscriber: Name
     failed_sequence: SequenceNumber
     error_type: QualifiedName
+
+
+# --- audit events of the master-key hierarchy (node-level, never any secret) ----------
+
+UnsealMethod: TypeAlias = Annotated[str, Length(1, 32), Matches(re.compile(r"[a-z][a-z0-9_]*"))]
+
+
+@event_type("master.unseal_progress", schema=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnsealProgress(Event):
+    """A key-ceremony share was accepted: ``submitted`` of ``threshold`` (no share data)."""
+
+    submitted: MemberCount
+    threshold: MemberCount
+
+
+@event_type("master.unsealed", schema=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeUnsealed(Event):
+    """The root key was recovered with ``method`` and the keyring opened."""
+
+    method: UnsealMethod
+    active_kek: KekVersion
+
+
+@event_type("master.sealed", schema=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeSealed(Event):
+    """The keyring and every round key were wiped from memory; the node must be unsealed."""
+
+
+@event_type("master.kek_rotated", schema=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KekRotated(Event):
+    """A new KEK version became active; ``rewrapped`` round keys moved to it in one commit."""
+
+    old_version: KekVersion
+    new_version: KekVersion
+    rewrapped: Annotated[int, IntRange(0, MAX_SEQUENCE)]
+
+
+@event_type("master.root_rekeyed", schema=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RootRekeyed(Event):
+    """The root key changed (new passphrase, new shares, new seal); round keys untouched."""
+
+    old_method: UnsealMethod
+    new_method: UnsealMethod
 
 
 # --- the stored envelope ----------------------------------------------------------------

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import structlog
 
 from enclave_keys.context import ContextRegistry
+from enclave_keys.core_state import StateReader
 from enclave_keys.crypto import Entropy, SecretBytes
 from enclave_keys.errors import (
     ContextClosed,
-    CorruptRecord,
-    InvalidIdentifier,
     InvalidKeyMaterial,
     MissingDependency,
     RoundCipherRetired,
@@ -40,7 +39,6 @@ from enclave_keys.errors import (
     UnwrapFailed,
 )
 from enclave_keys.events import (
-    MAX_CIPHERTEXT_LEN,
     DecryptionShareCreated,
     DecryptionShareFailed,
     DecryptionShareRequested,
@@ -280,54 +278,18 @@ class KeyshareCore:
     def restore_state(self, state: object) -> None:
         """Replace the state with a snapshot; :class:`CorruptRecord` (changing nothing)
         when it is malformed."""
-        data = _mapping(state)
-        if data.get("version") != _SNAPSHOT_VERSION:
-            raise CorruptRecord("keyshare snapshot: unknown version")
-        shares: dict[RoundId, tuple[KeyId, bytes]] = {}
-        for entry in _list(data, "shares"):
-            item = _mapping(entry)
-            rid = _round_id(item.get("round_id"))
-            ciphertext = item.get("ciphertext")
-            if not isinstance(ciphertext, bytes) or not 1 <= len(ciphertext) <= MAX_CIPHERTEXT_LEN:
-                raise CorruptRecord("keyshare snapshot: ciphertext must be bytes")
-            if rid in shares:
-                raise CorruptRecord("keyshare snapshot: a round is listed twice")
-            shares[rid] = (_key_id(item.get("key_id")), ciphertext)
-        ended = {_round_id(raw): None for raw in _list(data, "ended")}
+        reader = StateReader("keyshare snapshot", state, version=_SNAPSHOT_VERSION)
+        shares = reader.unique(
+            (
+                reader.round_id(item.get("round_id")),
+                (reader.key_id(item.get("key_id")), reader.ciphertext(item.get("ciphertext"))),
+            )
+            for item in map(reader.map, reader.items("shares"))
+        )
+        ended = {reader.round_id(raw): None for raw in reader.items("ended")}
         for rid in list(ended)[: max(0, len(ended) - self._horizon)]:
             del ended[rid]
         self._shares, self._ended = shares, ended
 
     def __repr__(self) -> str:
         return f"KeyshareCore(rounds={len(self._shares)}, share_size={self._share_size})"
-
-
-def _mapping(value: object) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise CorruptRecord("keyshare snapshot: expected a map")
-    return value
-
-
-def _list(data: Mapping[str, Any], name: str) -> list[object]:
-    value = data.get(name)
-    if not isinstance(value, list | tuple):
-        raise CorruptRecord(f"keyshare snapshot: {name!r} must be a list")
-    return list(value)
-
-
-def _round_id(value: object) -> RoundId:
-    try:
-        if isinstance(value, str):
-            return RoundId(value)
-    except InvalidIdentifier:
-        pass
-    raise CorruptRecord("keyshare snapshot: malformed round id")
-
-
-def _key_id(value: object) -> KeyId:
-    try:
-        if isinstance(value, str):
-            return KeyId.from_hex(value)
-    except InvalidIdentifier:
-        pass
-    raise CorruptRecord("keyshare snapshot: malformed key id")

@@ -11,13 +11,13 @@ times carried in the log, so they survive restarts.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
 
-from enclave_keys.errors import CorruptRecord, InvalidIdentifier
+from enclave_keys.core_state import StateReader
 from enclave_keys.events import (
     Event,
     FailureReason,
@@ -156,40 +156,18 @@ class ReaperCore:
     def restore_state(self, state: object) -> None:
         """Replace the state with a snapshot; :class:`CorruptRecord` (changing nothing)
         when it is malformed."""
-        if not isinstance(state, Mapping) or state.get("version") != _SNAPSHOT_VERSION:
-            raise CorruptRecord("reaper snapshot: not a version 1 map")
-        entries = state.get("rounds")
-        if not isinstance(entries, list | tuple):
-            raise CorruptRecord("reaper snapshot: 'rounds' must be a list")
-        rounds: dict[RoundId, TrackedRound] = {}
-        for entry in entries:
-            rid, tracked = _tracked(entry)
-            if rid in rounds:
-                raise CorruptRecord("reaper snapshot: a round is listed twice")
-            rounds[rid] = tracked
-        self._rounds = rounds
+        reader = StateReader("reaper snapshot", state, version=_SNAPSHOT_VERSION)
+        self._rounds = reader.unique(
+            (
+                reader.round_id(item.get("round_id")),
+                TrackedRound(
+                    reader.finite(item.get("deadline"), "deadline"),
+                    reader.stage(item.get("stage")),
+                    reader.flag(item.get("fired"), "fired"),
+                ),
+            )
+            for item in map(reader.map, reader.items("rounds"))
+        )
 
     def __repr__(self) -> str:
         return f"ReaperCore(tracked={len(self._rounds)}, grace={self._grace})"
-
-
-def _tracked(entry: object) -> tuple[RoundId, TrackedRound]:
-    if not isinstance(entry, Mapping):
-        raise CorruptRecord("reaper snapshot: a round must be a map")
-    raw_id, deadline = entry.get("round_id"), entry.get("deadline")
-    stage, fired = entry.get("stage"), entry.get("fired")
-    try:
-        rid = RoundId(raw_id) if isinstance(raw_id, str) else None
-    except InvalidIdentifier:
-        rid = None
-    if rid is None:
-        raise CorruptRecord("reaper snapshot: malformed round id")
-    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
-        raise CorruptRecord("reaper snapshot: deadline must be a number")
-    if not math.isfinite(deadline):
-        raise CorruptRecord("reaper snapshot: deadline must be finite")
-    if not isinstance(stage, str) or stage not in RoundStage._value2member_map_:
-        raise CorruptRecord("reaper snapshot: unknown stage")
-    if not isinstance(fired, bool):
-        raise CorruptRecord("reaper snapshot: 'fired' must be a boolean")
-    return rid, TrackedRound(float(deadline), RoundStage(stage), fired)

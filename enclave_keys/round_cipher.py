@@ -25,6 +25,7 @@ from typing import Any, Final
 import structlog
 
 from enclave_keys.context import ContextRegistry, DependencyKey
+from enclave_keys.core_state import StateReader
 from enclave_keys.crypto import (
     Entropy,
     Kek,
@@ -33,7 +34,7 @@ from enclave_keys.crypto import (
     unwrap_round_key,
     wrap_round_key,
 )
-from enclave_keys.errors import ContextClosed, CorruptRecord, RoundCipherRetired, UnwrapFailed
+from enclave_keys.errors import ContextClosed, RoundCipherRetired, UnwrapFailed
 from enclave_keys.events import (
     Event,
     FailureReason,
@@ -457,11 +458,9 @@ class RoundCipherCore:
 
     def restore_state(self, state: object) -> None:
         """Check a :meth:`snapshot_state` for form (``CorruptRecord``); changes nothing."""
-        if not isinstance(state, dict) or state.get("version") != _SNAPSHOT_VERSION:
-            raise CorruptRecord("round-cipher snapshot: not a version 1 map")
-        held = state.get("held")
-        if not isinstance(held, list | tuple) or not all(isinstance(r, str) for r in held):
-            raise CorruptRecord("round-cipher snapshot: 'held' must be a list of round ids")
+        reader = StateReader("round-cipher snapshot", state, version=_SNAPSHOT_VERSION)
+        if not all(isinstance(raw, str) for raw in reader.items("held")):
+            raise reader.corrupt("'held' must be a list of round ids")
 
     def __repr__(self) -> str:
         return f"RoundCipherCore(held={len(self.held_rounds())})"

@@ -28,8 +28,7 @@ still be in flight.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Final, Protocol
@@ -37,7 +36,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from enclave_keys.context import ContextRegistry
-from enclave_keys.errors import CorruptRecord, InvalidIdentifier
+from enclave_keys.core_state import StateReader
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareFailed,
@@ -327,61 +326,26 @@ class RouterState:
         Completed rounds beyond the horizon are dropped, oldest first. Nothing changes
         when the input is malformed.
         """
-        data = _mapping(state, "router snapshot")
-        if data.get("version") != _SNAPSHOT_VERSION:
-            raise CorruptRecord("router snapshot: unknown version")
-        opened: dict[RoundId, OpenRound] = {}
-        for entry in _items(data, "open"):
-            item = _mapping(entry, "router snapshot: open round")
-            rid = _round_id(item.get("round_id"))
-            if rid in opened:
-                raise CorruptRecord("router snapshot: a round is listed twice")
-            opened[rid] = _open_round(item)
-        completed: dict[RoundId, None] = {}
-        for raw in _items(data, "completed"):
-            completed[_round_id(raw)] = None
+        reader = StateReader("router snapshot", state, version=_SNAPSHOT_VERSION)
+        opened = reader.unique(
+            (
+                reader.round_id(item.get("round_id")),
+                OpenRound(
+                    reader.stage(item.get("stage")),
+                    reader.finite(item.get("deadline"), "deadline"),
+                    reader.flag(item.get("accusation"), "accusation"),
+                    reader.flag(item.get("ending"), "ending"),
+                ),
+            )
+            for item in map(reader.map, reader.items("open"))
+        )
+        completed = {reader.round_id(raw): None for raw in reader.items("completed")}
         if opened.keys() & completed.keys():
-            raise CorruptRecord("router snapshot: a round is both open and completed")
+            raise reader.corrupt("a round is both open and completed")
         excess = max(0, len(completed) - self._horizon)
         for rid in list(completed)[:excess]:
             del completed[rid]
         self._open, self._completed = opened, completed
-
-
-def _mapping(value: object, what: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise CorruptRecord(f"{what}: expected a map")
-    return value
-
-
-def _items(data: Mapping[str, Any], name: str) -> Iterator[object]:
-    value = data.get(name)
-    if not isinstance(value, list | tuple):
-        raise CorruptRecord(f"router snapshot: {name!r} must be a list")
-    return iter(value)
-
-
-def _round_id(value: object) -> RoundId:
-    if not isinstance(value, str):
-        raise CorruptRecord("router snapshot: round id must be text")
-    try:
-        return RoundId(value)
-    except InvalidIdentifier:
-        raise CorruptRecord("router snapshot: malformed round id") from None
-
-
-def _open_round(item: Mapping[str, Any]) -> OpenRound:
-    stage, deadline = item.get("stage"), item.get("deadline")
-    accusation, ending = item.get("accusation"), item.get("ending")
-    if not isinstance(stage, str) or stage not in RoundStage._value2member_map_:
-        raise CorruptRecord("router snapshot: unknown stage")
-    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
-        raise CorruptRecord("router snapshot: deadline must be a number")
-    if not math.isfinite(deadline):
-        raise CorruptRecord("router snapshot: deadline must be finite")
-    if not isinstance(accusation, bool) or not isinstance(ending, bool):
-        raise CorruptRecord("router snapshot: flags must be booleans")
-    return OpenRound(RoundStage(stage), float(deadline), accusation, ending)
 
 
 # --- the core -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "enclave_keys.round_cipher": 4,
     "enclave_keys.keyshare": 4,
     "enclave_keys.reaper": 4,
+    "enclave_keys.core_state": 4,
     "enclave_keys.node": 5,
     "enclave_keys.unseal": 5,
     "enclave_keys.snapshot": 5,

@@ -28,7 +28,11 @@ from enclave_keys.events import (
     FailureReason,
     FieldKind,
     HandlerFailed,
+    KekRotated,
     KeyshareCreated,
+    NodeSealed,
+    NodeUnsealed,
+    RootRekeyed,
     RoundAlreadyCompleted,
     RoundComplete,
     RoundEvent,
@@ -40,6 +44,7 @@ from enclave_keys.events import (
     RoundStage,
     RoundStageChanged,
     StoredEvent,
+    UnsealProgress,
 )
 from enclave_keys.ids import EventId, KekVersion, KeyId, RoundId
 
@@ -74,6 +79,11 @@ PAYLOADS: list[Event] = [
     DecryptionShareCreated(round_id=RID, request_id=REQUEST, ciphertext=CIPHERTEXT),
     DecryptionShareFailed(round_id=RID, request_id=REQUEST, reason="no round cipher"),
     HandlerFailed(subscriber="router", failed_sequence=41, error_type="builtins.KeyError"),
+    UnsealProgress(submitted=2, threshold=3),
+    NodeUnsealed(method="shamir", active_kek=KekVersion(2)),
+    NodeSealed(),
+    KekRotated(old_version=KekVersion(1), new_version=KekVersion(2), rewrapped=17),
+    RootRekeyed(old_method="env", new_method="passphrase"),
 ]
 
 
@@ -431,7 +441,8 @@ def test_out_of_range_values_and_cross_field_rules(field: str, value: int) -> No
 
 
 def test_handler_failed_error_type_must_be_a_qualified_name() -> None:
-    message = wire(SAMPLES[-1])
+    [handler_failed] = [s for s in SAMPLES if isinstance(s.payload, HandlerFailed)]
+    message = wire(handler_failed)
     message[10]["error_type"] = "KeyError: 'secret'"
     with pytest.raises(MalformedEvent, match="error_type"):
         decode_event(pack(message))

@@ -22,8 +22,12 @@ from enclave_keys.events import (
     FieldKind,
     FrozenStrMap,
     HandlerFailed,
+    KekRotated,
     KeyshareCreated,
     Length,
+    NodeSealed,
+    NodeUnsealed,
+    RootRekeyed,
     RoundAlreadyCompleted,
     RoundComplete,
     RoundEvent,
@@ -35,6 +39,7 @@ from enclave_keys.events import (
     RoundStage,
     RoundStageChanged,
     StoredEvent,
+    UnsealProgress,
     event_class,
     event_type,
     timeout_for,
@@ -143,6 +148,11 @@ EXPECTED_TAGS: dict[str, type[Event]] = {
     "decryption_share.created": DecryptionShareCreated,
     "decryption_share.failed": DecryptionShareFailed,
     "node.handler_failed": HandlerFailed,
+    "master.unseal_progress": UnsealProgress,
+    "master.unsealed": NodeUnsealed,
+    "master.sealed": NodeSealed,
+    "master.kek_rotated": KekRotated,
+    "master.root_rekeyed": RootRekeyed,
 }
 
 
@@ -166,7 +176,8 @@ def test_every_event_type_is_a_frozen_slotted_kw_only_dataclass(cls: type[Event]
     assert params.frozen
     assert "__slots__" in cls.__dict__
     assert all(f.kw_only for f in dataclasses.fields(cls))  # type: ignore[arg-type]
-    assert issubclass(cls, RoundEvent) == (cls is not HandlerFailed)
+    node_level = {HandlerFailed, UnsealProgress, NodeUnsealed, NodeSealed, KekRotated, RootRekeyed}
+    assert issubclass(cls, RoundEvent) == (cls not in node_level)
 
 
 def test_a_duplicate_tag_is_refused_and_the_registry_is_unchanged() -> None:

@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from enclave_keys.core_state import StateReader
+from enclave_keys.errors import CorruptRecord
+from enclave_keys.events import MAX_CIPHERTEXT_LEN, RoundStage
+from enclave_keys.ids import KeyId, RoundId
+
+
+def reader(**fields: Any) -> StateReader:
+    return StateReader("test snapshot", {"version": 1, **fields}, version=1)
+
+
+# --- the outer map ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [{"version": 1}, OrderedDict(version=1), {"version": 1.0}])
+def test_a_map_of_the_expected_version_is_accepted(state: object) -> None:
+    StateReader("test snapshot", state, version=1)
+
+
+@pytest.mark.parametrize("state", [None, [], "version", 1, b"", [("version", 1)]])
+def test_a_state_that_is_not_a_map_is_refused(state: object) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: expected a map$"):
+        StateReader("test snapshot", state, version=1)
+
+
+@pytest.mark.parametrize("state", [{}, {"version": 2}, {"version": "1"}, {"version": None}])
+def test_a_missing_or_other_version_is_refused(state: object) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: unknown version$"):
+        StateReader("test snapshot", state, version=1)
+
+
+def test_corrupt_prefixes_the_problem_with_what_is_read() -> None:
+    error = reader().corrupt("something is off")
+    assert isinstance(error, CorruptRecord)
+    assert str(error) == "test snapshot: something is off"
+
+
+# --- fields ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [[], [1, "a"], (1, 2), ()])
+def test_items_accepts_lists_and_tuples(value: list[object] | tuple[object, ...]) -> None:
+    assert reader(rounds=value).items("rounds") == list(value)
+
+
+@pytest.mark.parametrize("value", [None, "ab", {"a": 1}, {1, 2}, 3])
+def test_items_refuses_anything_else(value: object) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: 'rounds' must be a list$"):
+        reader(rounds=value).items("rounds")
+
+
+def test_items_refuses_a_missing_field() -> None:
+    with pytest.raises(CorruptRecord, match="'rounds' must be a list"):
+        reader().items("rounds")
+
+
+def test_map_accepts_any_mapping_and_refuses_the_rest() -> None:
+    assert reader().map({"a": 1}) == {"a": 1}
+    assert reader().map(OrderedDict(a=1)) == {"a": 1}
+    for bad in (None, [("a", 1)], "a", 1):
+        with pytest.raises(CorruptRecord, match=r"^test snapshot: expected a map$"):
+            reader().map(bad)
+
+
+def test_round_id_accepts_valid_text() -> None:
+    assert reader().round_id("e3:1") == RoundId("e3:1")
+
+
+@pytest.mark.parametrize("value", [None, 1, b"e3:1", RoundId("e3:1")])
+def test_round_id_refuses_what_is_not_text(value: object) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: round id must be text$"):
+        reader().round_id(value)
+
+
+@pytest.mark.parametrize("value", ["", "!", "-a", "a" * 129])
+def test_round_id_refuses_malformed_text(value: str) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: malformed round id$"):
+        reader().round_id(value)
+
+
+def test_key_id_accepts_hex_text() -> None:
+    assert reader().key_id("ab" * 16) == KeyId(b"\xab" * 16)
+
+
+@pytest.mark.parametrize("value", [None, b"\x00" * 16, "zz" * 16, "00" * 15, "00" * 17, ""])
+def test_key_id_refuses_anything_else(value: object) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: malformed key id$"):
+        reader().key_id(value)
+
+
+@pytest.mark.parametrize("value", [b"x", b"x" * MAX_CIPHERTEXT_LEN])
+def test_ciphertext_accepts_non_empty_bytes_up_to_the_limit(value: bytes) -> None:
+    assert reader().ciphertext(value) == value
+
+
+@pytest.mark.parametrize("value", [b"", b"x" * (MAX_CIPHERTEXT_LEN + 1), "x", bytearray(b"x")])
+def test_ciphertext_refuses_anything_else(value: object) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: ciphertext must be bytes$"):
+        reader().ciphertext(value)
+
+
+@pytest.mark.parametrize("stage", list(RoundStage))
+def test_stage_accepts_every_wire_value(stage: RoundStage) -> None:
+    assert reader().stage(stage.value) is stage
+
+
+@pytest.mark.parametrize("value", [None, "done", "COMPUTE", 1, b"compute"])
+def test_stage_refuses_anything_else(value: object) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: unknown stage$"):
+        reader().stage(value)
+
+
+@pytest.mark.parametrize("value", [0, 7, -1.5, 1e300])
+def test_finite_accepts_ints_and_floats_as_float(value: float) -> None:
+    got = reader().finite(value, "deadline")
+    assert got == value
+    assert type(got) is float
+
+
+@pytest.mark.parametrize("value", [None, "1", True, False, b"1"])
+def test_finite_refuses_what_is_not_a_number(value: object) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: deadline must be a number$"):
+        reader().finite(value, "deadline")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_finite_refuses_nan_and_infinities(value: float) -> None:
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: deadline must be finite$"):
+        reader().finite(value, "deadline")
+
+
+def test_flag_accepts_booleans_only() -> None:
+    assert reader().flag(True, "fired") is True
+    assert reader().flag(False, "fired") is False
+    for bad in (None, 0, 1, "true"):
+        with pytest.raises(CorruptRecord, match=r"^test snapshot: 'fired' must be a boolean$"):
+            reader().flag(bad, "fired")
+
+
+# --- unique ---------------------------------------------------------------------------------
+
+
+def test_unique_keeps_the_order_of_distinct_rounds() -> None:
+    a, b = RoundId("a"), RoundId("b")
+    found = reader().unique([(b, 2), (a, 1)])
+    assert list(found.items()) == [(b, 2), (a, 1)]
+    assert reader().unique([]) == {}
+
+
+def test_unique_refuses_a_round_listed_twice() -> None:
+    a = RoundId("a")
+    with pytest.raises(CorruptRecord, match=r"^test snapshot: a round is listed twice$"):
+        reader().unique([(a, 1), (RoundId("b"), 2), (a, 1)])
+
+
+def test_unique_stops_at_the_first_repeat() -> None:
+    a = RoundId("a")
+    read: list[int] = []
+
+    def entries() -> Iterator[tuple[RoundId, int]]:
+        for n in range(5):
+            read.append(n)
+            yield a, n
+
+    with pytest.raises(CorruptRecord):
+        reader().unique(entries())
+    assert read == [0, 1]
+
+
+# --- a round trip ---------------------------------------------------------------------------
+
+
+def test_reads_what_msgpack_gives_back() -> None:
+    state = {
+        "version": 3,
+        "rounds": [{"round_id": "e3:1", "key_id": "01" * 16, "deadline": 5, "fired": True}],
+    }
+    unpacked = msgpack.unpackb(msgpack.packb(state), raw=False)
+    read = StateReader("test snapshot", unpacked, version=3)
+    (entry,) = [read.map(item) for item in read.items("rounds")]
+    assert read.round_id(entry["round_id"]) == RoundId("e3:1")
+    assert read.key_id(entry["key_id"]) == KeyId(b"\x01" * 16)
+    assert read.finite(entry["deadline"], "deadline") == 5.0
+    assert read.flag(entry["fired"], "fired") is True
