@@ -10,7 +10,7 @@ DATA   ?= demo-data
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,hsm]'
 	touch $(STAMP)
 
 ## make test: lint, format check, mypy --strict, then the whole test suite.
