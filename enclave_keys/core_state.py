@@ -9,8 +9,8 @@ prefixed by what is being read (``"router snapshot: unknown stage"``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final, TypeVar
 
 from enclave_keys.errors import CorruptRecord, InvalidIdentifier
 from enclave_keys.events import MAX_CIPHERTEXT_LEN, RoundStage
@@ -100,3 +100,49 @@ class StateReader:
                 raise self.corrupt("a round is listed twice")
             found[rid] = value
         return found
+
+
+DEFAULT_HORIZON: Final = 100_000
+"""How many of the most recently ended rounds a core remembers (for late events)."""
+
+
+class RecentRounds:
+    """An insertion-ordered set of the ``horizon`` most recently added round ids.
+
+    Cores use it to remember which rounds ended, so that events arriving late (or, on
+    threaded runtimes, in a different order across actors) are recognised. Adding an id
+    again moves it to the newest end; the oldest is forgotten past the horizon.
+    """
+
+    __slots__ = ("_horizon", "_ids")
+
+    def __init__(self, horizon: int = DEFAULT_HORIZON, rounds: Iterable[RoundId] = ()) -> None:
+        if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
+            raise ValueError("horizon must be a positive int")
+        self._horizon = horizon
+        self._ids: dict[RoundId, None] = {}
+        for rid in rounds:
+            self.add(rid)
+
+    @property
+    def horizon(self) -> int:
+        return self._horizon
+
+    def add(self, round_id: RoundId) -> None:
+        self._ids.pop(round_id, None)
+        self._ids[round_id] = None
+        while len(self._ids) > self._horizon:
+            del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, round_id: object) -> bool:
+        return round_id in self._ids
+
+    def __iter__(self) -> Iterator[RoundId]:
+        """Oldest first."""
+        return iter(list(self._ids))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return f"RecentRounds({len(self._ids)} of {self._horizon})"

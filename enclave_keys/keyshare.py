@@ -28,7 +28,7 @@ from typing import Any, Final
 import structlog
 
 from enclave_keys.context import ContextRegistry
-from enclave_keys.core_state import StateReader
+from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
 from enclave_keys.crypto import Entropy, SecretBytes
 from enclave_keys.errors import (
     ContextClosed,
@@ -70,9 +70,6 @@ KEYSHARE_PURPOSE: Final = "keyshare"
 DECRYPTION_SHARE_PURPOSE: Final = "decryption-share"
 MIN_SHARE_SIZE: Final = 32
 MAX_SHARE_SIZE: Final = 8 * 1024 * 1024
-DEFAULT_HORIZON: Final = 100_000
-"""How many ended rounds are remembered (to answer ``round_purged`` rather than
-``unknown_round``)."""
 
 _DOMAIN: Final = b"enclave_keys/decryption-share/v1"
 _SNAPSHOT_VERSION: Final = 1
@@ -135,7 +132,7 @@ class KeyshareCore:
         self._entropy = entropy
         self._horizon = horizon
         self._shares: dict[RoundId, tuple[KeyId, bytes]] = {}
-        self._ended: dict[RoundId, None] = {}  # insertion-ordered set, oldest first
+        self._ended = RecentRounds(horizon)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -167,10 +164,7 @@ class KeyshareCore:
 
     def _forget(self, rid: RoundId) -> None:
         self._shares.pop(rid, None)
-        self._ended.pop(rid, None)
-        self._ended[rid] = None
-        while len(self._ended) > self._horizon:
-            del self._ended[next(iter(self._ended))]
+        self._ended.add(rid)
 
     def _create(self, event: RoundKeyReady) -> Sequence[Event]:
         rid = event.round_id
@@ -286,9 +280,7 @@ class KeyshareCore:
             )
             for item in map(reader.map, reader.items("shares"))
         )
-        ended = {reader.round_id(raw): None for raw in reader.items("ended")}
-        for rid in list(ended)[: max(0, len(ended) - self._horizon)]:
-            del ended[rid]
+        ended = RecentRounds(self._horizon, map(reader.round_id, reader.items("ended")))
         self._shares, self._ended = shares, ended
 
     def __repr__(self) -> str:

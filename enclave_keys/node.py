@@ -1,8 +1,10 @@
 """The node: the composition root that builds, connects, starts and stops everything.
 
-A :class:`Node` owns one store (an LMDB directory by default), unlocks its KEK through
-an unseal source, wires the cores (router, round cipher, keyshare, reaper) onto a
-runtime (Pykka threads, or the deterministic dispatcher), and runs recovery on start::
+A :class:`Node` owns one store (an LMDB directory by default), unseals its keyring
+through an unseal source (:mod:`enclave_keys.unseal` gives the root key,
+:class:`~enclave_keys.master.MasterKeys` opens the keyring of KEK versions with it),
+wires the cores (router, round cipher, keyshare, reaper) onto a runtime (Pykka threads,
+or the deterministic dispatcher), and runs recovery on start::
 
     with Node.open("data", PassphraseUnseal(passphrase)) as node:
         node.publish(RoundRequested(round_id=rid, deadline=..., threshold=2, committee_size=3))
@@ -14,39 +16,54 @@ the recovery sweep — a stored key whose round is not live is purged now; a liv
 whose key is missing (or cannot be unwrapped) is failed with a clear reason; a hydrated
 round that has no keyshare yet is announced again (``RoundKeyReady``) so its consumers
 finish. Snapshots are taken every ``snapshot_every`` events and on stop.
+
+A node initialised with a Shamir share set starts *sealed*: ``Node.open(dir)`` without a
+source, then :meth:`Node.submit_share` once per share until the threshold is reached.
+:meth:`Node.seal` wipes every key and returns to that state; :meth:`Node.rotate_kek` and
+:meth:`Node.rekey_root` change the keyring and the root key. Every such step is an audit
+event in the log (never with a secret in it).
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Literal
 
 import structlog
 
+from enclave_keys.bus import EventBus, PublishRequest
 from enclave_keys.clock import Clock, SystemClock
 from enclave_keys.context import ContextRegistry
-from enclave_keys.crypto import Kek
-from enclave_keys.errors import CorruptRecord, LifecycleError
+from enclave_keys.crypto import read_wrapped_header
+from enclave_keys.crypto.hardening import harden_process
+from enclave_keys.errors import CorruptRecord, LifecycleError, Sealed
 from enclave_keys.events import (
     Event,
     FailureReason,
+    NodeSealed,
+    NodeUnsealed,
+    RootRekeyed,
+    RoundComplete,
     RoundFailed,
     RoundKeyReady,
     RoundStage,
     StoredEvent,
 )
-from enclave_keys.ids import KekVersion, RoundId
+from enclave_keys.ids import RoundId
 from enclave_keys.keyshare import KeyshareCore
+from enclave_keys.master import KekRotation, MasterKeys
 from enclave_keys.reaper import ReaperCore
 from enclave_keys.round_cipher import ROUND_CIPHER, HydrationReport, RoundCipherCore
 from enclave_keys.router import RouterCore
 from enclave_keys.runtime import DeterministicRuntime, PykkaRuntime, Runtime
 from enclave_keys.snapshot import NodeSnapshot
 from enclave_keys.store import LmdbStore, Store
-from enclave_keys.unseal import UnsealSource
+from enclave_keys.unseal import CeremonyProgress, Enrolment, ShamirCeremony, UnsealSource
+from enclave_keys.unseal import record_names as unseal_records
 
 _log = structlog.get_logger(__name__)
 
@@ -65,6 +82,7 @@ class NodeConfig:
     lease_timeout: float = 5.0  # bounded wait of a purge for open leases
     completed_horizon: int = 100_000  # completed rounds remembered for late events
     idle_timeout: float = 60.0  # bound of every internal wait for the runtime to settle
+    harden: bool = True  # RLIMIT_CORE=0 and PR_SET_DUMPABLE=0 at start (process-wide)
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
@@ -102,12 +120,12 @@ class _Cores:
 
 
 class Node:
-    """One node: a store, a KEK, the lifecycle cores on a runtime. See the module doc."""
+    """One node: a store, a keyring, the lifecycle cores on a runtime. See the module doc."""
 
     def __init__(
         self,
         store: Store,
-        unseal: UnsealSource,
+        unseal: UnsealSource | None = None,
         *,
         clock: Clock | None = None,
         config: NodeConfig | None = None,
@@ -120,9 +138,11 @@ class Node:
         self._owns_store = owns_store
         self._lock = threading.RLock()
         self._registry = ContextRegistry()
-        self._kek: Kek | None = None
+        self._master: MasterKeys | None = None
+        self._ceremony: ShamirCeremony | None = None
         self._cores: _Cores | None = None
         self._runtime: Runtime | None = None
+        self._recovery: RecoveryReport | None = None
         self._last_snapshot = 0
         self._stopped = False
 
@@ -130,16 +150,22 @@ class Node:
     def open(
         cls,
         data_dir: str | Path,
-        unseal: UnsealSource,
+        unseal: UnsealSource | None = None,
         *,
         clock: Clock | None = None,
         config: NodeConfig | None = None,
     ) -> Node:
-        """A node over the LMDB directory ``data_dir`` (created if missing), started."""
+        """A node over the LMDB directory ``data_dir`` (created if missing).
+
+        With an unseal source the node is initialised (first start) or unsealed, and
+        started. Without one it stays sealed: submit key-ceremony shares with
+        :meth:`submit_share`, or call :meth:`start` with a source.
+        """
         store = LmdbStore.open(Path(data_dir))
         node = cls(store, unseal, clock=clock, config=config, owns_store=True)
         try:
-            node.start()
+            if unseal is not None:
+                node.start()
         except BaseException:
             node._abandon()
             raise
@@ -159,6 +185,17 @@ class Node:
     def registry(self) -> ContextRegistry:
         """The open round contexts: resolve a round's cipher with ``ROUND_CIPHER``."""
         return self._registry
+
+    @property
+    def sealed(self) -> bool:
+        """True until the keyring is unsealed, and again after :meth:`seal`."""
+        return self._master is None
+
+    @property
+    def master(self) -> MasterKeys:
+        if self._master is None:
+            raise Sealed("the node is sealed")
+        return self._master
 
     @property
     def router(self) -> RouterCore:
@@ -215,45 +252,132 @@ class Node:
             _log.info("snapshot_written", sequence=sequence)
             return sequence
 
+    # --- master keys ------------------------------------------------------------------
+
+    def submit_share(self, mnemonic: str) -> CeremonyProgress:
+        """Submit one key-ceremony share to a sealed node; it starts at the threshold.
+
+        A rejected share raises its :class:`~enclave_keys.errors.CeremonyError`
+        (invalid, duplicate, mismatched) and the node stays sealed and usable. Progress
+        is logged as ``UnsealProgress`` (counts only; shares are never stored).
+        """
+        with self._lock:
+            if not self.sealed:
+                raise LifecycleError("the node is already unsealed")
+            if self._ceremony is None:
+                self._ceremony = ShamirCeremony(self._store)
+            progress = self._ceremony.submit(mnemonic)
+            self._append_while_sealed(progress.to_event())
+            if progress.complete:
+                root = self._ceremony.root()
+                self._ceremony = None
+                self._start_with(
+                    MasterKeys.open(
+                        self._store, root, "shamir", lease_timeout=self._config.lease_timeout
+                    )
+                )
+            return progress
+
+    def seal(self) -> None:
+        """Wipe the keyring and every round key from memory; the node waits to be unsealed.
+
+        Round keys stay in the store (wrapped); rounds keep their deadlines. Unseal again
+        with :meth:`start` (a source) or :meth:`submit_share`.
+        """
+        with self._lock:
+            runtime = self._runtime_or_raise()
+            runtime.publish([NodeSealed()], source=NODE_SOURCE)
+            self.snapshot()
+            self._shut_down()
+            _log.info("node_sealed")
+
+    def rotate_kek(self, *, timeout: float | None = None) -> KekRotation:
+        """Make a new active KEK, rewrap every stored round key under it, retire the old.
+
+        One store transaction: a crash leaves the old or the new keyring, never neither.
+        Waits (bounded) for wraps in flight. Publishes ``KekRotated``.
+        """
+        with self._lock:
+            self._runtime_or_raise()
+            rotation = self.master.rotate_kek(timeout=timeout or self._config.lease_timeout)
+            self.publish(rotation.event())
+            return rotation
+
+    def rekey_root(self, enrolment: Enrolment, method: str) -> None:
+        """Re-seal the keyring under a new root (new passphrase, shares, HSM seal, or a
+        migration off the environment key). Round keys are not touched. Takes ownership
+        of ``enrolment.root``. Publishes ``RootRekeyed``."""
+        with self._lock:
+            self._runtime_or_raise()
+            master = self.master
+            old_method = master.method
+            drop = [name for name in unseal_records(old_method) if name not in enrolment.records]
+            master.rekey_root(enrolment.root, method, enrolment.records, drop)
+            self.publish(RootRekeyed(old_method=old_method, new_method=method))
+
     # --- start ------------------------------------------------------------------------
 
-    _recovery: RecoveryReport | None = None
-
-    def start(self) -> RecoveryReport:
-        """Unlock, restore, replay, hydrate, start the runtime and run the recovery sweep."""
+    def start(self, unseal: UnsealSource | None = None) -> RecoveryReport:
+        """Unseal (initialising a new store), restore, replay, hydrate, start, sweep."""
         with self._lock:
-            if self._cores is not None:
+            source = unseal or self._unseal
+            if source is None:
+                raise Sealed("no unseal source: submit key-ceremony shares instead")
+            if not self.sealed:
                 raise LifecycleError("the node is already started")
-            self._kek = self._unseal.unlock(self._store)
-            cores = self._build_cores()
+            return self._start_with(self._unlock(source))
+
+    def _unlock(self, source: UnsealSource) -> MasterKeys:
+        wait = self._config.lease_timeout
+        if MasterKeys.is_initialised(self._store):
+            root = source.unlock_root(self._store)
+            return MasterKeys.open(self._store, root, source.method, lease_timeout=wait)
+        enrolment = source.enrol()
+        return MasterKeys.initialise(
+            self._store, enrolment.root, source.method, enrolment.records, lease_timeout=wait
+        )
+
+    def _start_with(self, master: MasterKeys) -> RecoveryReport:
+        if self._stopped:
+            master.seal(force=True)
+            raise LifecycleError("the node is stopped")
+        if self._config.harden:
+            harden_process()
+        self._master = master
+        try:
+            cores = self._build_cores(master)
             snapshot_sequence = self._restore_snapshot(cores)
             if snapshot_sequence is None:
                 # No snapshot, or an unreadable one: start from scratch, replay everything.
-                for rid in self._registry.round_ids():
-                    self._registry.close(rid)
-                cores = self._build_cores()
+                self._close_contexts()
+                cores = self._build_cores(master)
             self._cores = cores
             replayed = self._replay(cores, after=snapshot_sequence or 0)
-            report = cores.round_cipher.hydrate(self._kek_for, list(cores.router.open_rounds()))
+            report = cores.round_cipher.hydrate(master, list(cores.router.open_rounds()))
             self._runtime = self._build_runtime(cores)
             self._runtime.start()
             self._recovery = self._sweep(snapshot_sequence, replayed, report)
-            _log.info(
-                "node_started",
-                snapshot_sequence=snapshot_sequence,
-                replayed=replayed,
-                hydrated=len(self._recovery.hydrated),
-                purged=len(self._recovery.purged),
-                failed=len(self._recovery.failed),
-            )
-            return self._recovery
+        except BaseException:
+            self._shut_down()
+            raise
+        _log.info(
+            "node_started",
+            method=master.method,
+            active_kek=master.active_version.number,
+            snapshot_sequence=snapshot_sequence,
+            replayed=replayed,
+            hydrated=len(self._recovery.hydrated),
+            purged=len(self._recovery.purged),
+            failed=len(self._recovery.failed),
+        )
+        return self._recovery
 
-    def _build_cores(self) -> _Cores:
+    def _build_cores(self, master: MasterKeys) -> _Cores:
         cfg = self._config
         return _Cores(
             router=RouterCore(self._registry, horizon=cfg.completed_horizon),
             round_cipher=RoundCipherCore(
-                self._store, self._active_kek, self._registry, lease_timeout=cfg.lease_timeout
+                self._store, master, self._registry, lease_timeout=cfg.lease_timeout
             ),
             keyshare=KeyshareCore(
                 self._registry, share_size=cfg.share_size, horizon=cfg.completed_horizon
@@ -264,7 +388,10 @@ class Node:
     def _build_runtime(self, cores: _Cores) -> Runtime:
         runtime: Runtime
         if self._config.runtime == "deterministic":
-            runtime = DeterministicRuntime(self._store, self._clock, self._config.seed)
+            # The log position joins the seed: a restarted run draws fresh event ids, and
+            # the same seed over the same history still gives the same ids.
+            seed = self._config.seed * 2**64 + self._store.last_sequence()
+            runtime = DeterministicRuntime(self._store, self._clock, seed)
         else:
             runtime = PykkaRuntime(self._store, self._clock)
         for core in cores.all():
@@ -298,9 +425,11 @@ class Node:
         self, snapshot_sequence: int | None, replayed: int, report: HydrationReport
     ) -> RecoveryReport:
         cores = self._started()
-        runtime = self._runtime_or_raise()
+        master = self.master
         open_rounds = cores.router.open_rounds()
-        to_publish: list[Event] = []
+        to_publish: list[Event] = [
+            NodeUnsealed(method=master.method, active_kek=master.active_version)
+        ]
 
         purged = []
         for rid in report.orphans:
@@ -309,7 +438,12 @@ class Node:
             if event is not None:
                 to_publish.append(event)
 
-        broken = sorted({*report.missing, *(f.round_id for f in report.failed)})
+        # A round the router had decided to end (a timeout logged) whose RoundComplete
+        # never reached the log before a crash: finish it now, or it would never end.
+        ending = sorted(rid for rid, state in open_rounds.items() if state.ending)
+        to_publish.extend(RoundComplete(round_id=rid) for rid in ending)
+
+        broken = sorted({*report.missing, *(f.round_id for f in report.failed)}.difference(ending))
         for rid in broken:
             stage = open_rounds[rid].stage if rid in open_rounds else RoundStage.REQUESTED
             to_publish.append(
@@ -324,22 +458,22 @@ class Node:
         with_share = set(cores.keyshare.rounds_with_keyshare())
         reannounced = []
         for rid in report.hydrated:
-            if rid in with_share:
-                continue
+            blob = self._store.get_key(rid)
             context = self._registry.get(rid)
             leased = None if context is None else context.get(ROUND_CIPHER)
-            if leased is None:
+            if rid in with_share or leased is None or blob is None:
+                continue
+            if rid in ending:
                 continue
             reannounced.append(rid)
+            kek_version, _ = read_wrapped_header(blob)
             to_publish.append(
-                RoundKeyReady(
-                    round_id=rid, key_id=leased.key_id, kek_version=self._active_kek().version
-                )
+                RoundKeyReady(round_id=rid, key_id=leased.key_id, kek_version=kek_version)
             )
 
-        if to_publish:
-            runtime.publish(to_publish, source=NODE_SOURCE)
-            runtime.wait_idle(self._config.idle_timeout)
+        runtime = self._runtime_or_raise()
+        runtime.publish(to_publish, source=NODE_SOURCE)
+        runtime.wait_idle(self._config.idle_timeout)
         return RecoveryReport(
             snapshot_sequence=snapshot_sequence,
             replayed=replayed,
@@ -356,12 +490,10 @@ class Node:
         with self._lock:
             if self._stopped:
                 return
-            if self._runtime is not None and self._cores is not None:
-                try:
+            try:
+                if self._runtime is not None and self._cores is not None:
                     self.snapshot()
-                finally:
-                    self._abandon()
-            else:
+            finally:
                 self._abandon()
             _log.info("node_stopped")
 
@@ -374,18 +506,47 @@ class Node:
         with self._lock:
             self._abandon()
 
-    def _abandon(self) -> None:
-        self._stopped = True
+    def install_signal_handlers(self) -> None:
+        """On SIGTERM or SIGINT: stop cleanly (wiping every key), then exit 128 + signal.
+
+        For a process that runs a node in its main thread (the CLI does). The handler
+        runs in the main thread between bytecodes; ``stop`` takes the node's re-entrant
+        lock, so a signal during a publish stops the node after that publish's commit.
+        """
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            _log.warning("node_signal", signal=signal.Signals(signum).name)
+            self.stop()
+            raise SystemExit(128 + signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+
+    def _shut_down(self) -> None:
+        """Stop the actors and wipe every key; the node is sealed afterwards."""
         if self._runtime is not None:
             self._runtime.stop()
+            self._runtime = None
         if self._cores is not None:
             self._cores.round_cipher.wipe_all()
-        for rid in self._registry.round_ids():
-            self._registry.close(rid)
-        if self._kek is not None:
-            self._kek.wipe()
+            self._cores = None
+        self._close_contexts()
+        if self._ceremony is not None:
+            self._ceremony.reset()
+            self._ceremony = None
+        if self._master is not None:
+            self._master.seal(self._config.lease_timeout, force=True)
+            self._master = None
+
+    def _abandon(self) -> None:
+        self._stopped = True
+        self._shut_down()
         if self._owns_store:
             self._store.close()
+
+    def _close_contexts(self) -> None:
+        for rid in self._registry.round_ids():
+            self._registry.close(rid)
 
     def __enter__(self) -> Node:
         return self
@@ -399,30 +560,33 @@ class Node:
         self.stop()
 
     def __repr__(self) -> str:
-        state = "stopped" if self._stopped else ("started" if self._cores else "new")
+        state = "stopped" if self._stopped else ("sealed" if self.sealed else "running")
         return f"Node({state}, rounds={len(self._registry)})"
 
     # --- internals --------------------------------------------------------------------
 
-    def _active_kek(self) -> Kek:
-        if self._kek is None:
-            raise LifecycleError("the node is not unsealed")
-        return self._kek
-
-    def _kek_for(self, version: KekVersion) -> Kek:
-        kek = self._active_kek()
-        if version != kek.version:
-            raise LifecycleError(f"KEK {version} is not in this node's keyring")
-        return kek
+    def _append_while_sealed(self, event: Event) -> None:
+        """Log an audit event while no runtime runs (the ceremony happens sealed)."""
+        bus = EventBus(self._store, self._clock)
+        bus.start()
+        [outcome] = bus.commit([PublishRequest.of([event], source=NODE_SOURCE)])
+        if outcome.error is not None:
+            raise outcome.error
 
     def _started(self) -> _Cores:
         if self._cores is None:
-            raise LifecycleError("the node has not started")
+            raise (
+                Sealed("the node is sealed")
+                if not self._stopped
+                else LifecycleError("the node is stopped")
+            )
         return self._cores
 
     def _runtime_or_raise(self) -> Runtime:
-        if self._runtime is None or self._stopped:
-            raise LifecycleError("the node is not running")
+        if self._stopped:
+            raise LifecycleError("the node is stopped")
+        if self._runtime is None:
+            raise Sealed("the node is sealed")
         return self._runtime
 
     def _maybe_snapshot(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import structlog
 
-from enclave_keys.core_state import StateReader
+from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
 from enclave_keys.events import (
     Event,
     FailureReason,
@@ -66,11 +66,14 @@ class ReaperCore:
         RoundComplete,
     )
 
-    def __init__(self, *, grace: float = DEFAULT_GRACE) -> None:
+    def __init__(self, *, grace: float = DEFAULT_GRACE, horizon: int = DEFAULT_HORIZON) -> None:
         self._grace = _finite(grace, "grace")
         if self._grace < 0:
             raise ValueError("grace must be >= 0")
         self._rounds: dict[RoundId, TrackedRound] = {}
+        # A RoundComplete can precede the round's RoundOpened in the log (both published
+        # around one request): such a round must never be tracked, let alone reaped.
+        self._completed = RecentRounds(horizon)
 
     @property
     def grace(self) -> float:
@@ -93,21 +96,22 @@ class ReaperCore:
         """
         event = stored.payload
         if isinstance(event, RoundOpened):
-            if event.round_id not in self._rounds:
+            if event.round_id not in self._rounds and event.round_id not in self._completed:
                 self._rounds[event.round_id] = TrackedRound(event.deadline)
             return
         rid = event.round_id_or_none
+        if rid is not None and isinstance(event, RoundComplete):
+            self._completed.add(rid)
+            self._rounds.pop(rid, None)
+            return
         tracked = None if rid is None else self._rounds.get(rid)
         if rid is None or tracked is None:
             return
         if isinstance(event, RoundStageChanged):
             if not event.stage.is_terminal:
                 tracked.stage = event.stage
-        elif isinstance(event, RoundFailed):
-            if event.reason is FailureReason.DEADLINE_EXCEEDED:
-                tracked.fired = True
-        elif isinstance(event, RoundComplete):
-            del self._rounds[rid]
+        elif isinstance(event, RoundFailed) and event.reason is FailureReason.DEADLINE_EXCEEDED:
+            tracked.fired = True
 
     def tick(self, now: float) -> Sequence[Event]:
         """Fail, once each, the rounds still open past ``deadline + grace`` at ``now``."""
@@ -139,7 +143,8 @@ class ReaperCore:
         return failures
 
     def snapshot_state(self) -> dict[str, Any]:
-        """``{"version": 1, "rounds": [{"round_id", "deadline", "stage", "fired"}, ...]}``."""
+        """``{"version": 1, "rounds": [{"round_id", "deadline", "stage", "fired"}, ...],
+        "completed": [round id, ...]}`` (completed: oldest first, bounded by the horizon)."""
         return {
             "version": _SNAPSHOT_VERSION,
             "rounds": [
@@ -151,12 +156,16 @@ class ReaperCore:
                 }
                 for rid, t in sorted(self._rounds.items())
             ],
+            "completed": [rid.value for rid in self._completed],
         }
 
     def restore_state(self, state: object) -> None:
         """Replace the state with a snapshot; :class:`CorruptRecord` (changing nothing)
         when it is malformed."""
         reader = StateReader("reaper snapshot", state, version=_SNAPSHOT_VERSION)
+        completed = RecentRounds(
+            self._completed.horizon, map(reader.round_id, reader.items("completed"))
+        )
         self._rounds = reader.unique(
             (
                 reader.round_id(item.get("round_id")),
@@ -168,6 +177,7 @@ class ReaperCore:
             )
             for item in map(reader.map, reader.items("rounds"))
         )
+        self._completed = completed
 
     def __repr__(self) -> str:
         return f"ReaperCore(tracked={len(self._rounds)}, grace={self._grace})"

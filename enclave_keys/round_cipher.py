@@ -3,10 +3,14 @@
 On ``RoundOpened`` (published by the router for a fresh round) :class:`RoundCipherCore`
 generates a round key, wraps it under the active KEK, stores the wrapped blob durably,
 puts a :class:`LeasedRoundCipher` into the round's context and only then publishes
-``RoundKeyReady``. If anything fails, what was made is undone and the round fails with
+``RoundKeyReady``. The KEK comes from a :class:`~enclave_keys.crypto.KekSource` (the
+node's :class:`~enclave_keys.master.MasterKeys`) under a lease held across the wrap *and*
+the store of the blob, so a KEK rotation either rewraps the new blob or runs before it.
+If anything fails, what was made is undone and the round fails with
 ``key_creation_failed`` — there is never a fallback to the master key. On
-``RoundComplete`` the key is retired, wiped, deleted from the store and removed from the
-context, and ``RoundPurged`` is published.
+``RoundComplete`` the key is retired, wiped, deleted from the store (with KEK rotation
+kept out, so a rotation in flight cannot write it back) and removed from the context,
+and ``RoundPurged`` is published.
 
 Consumers use the cipher under a lease (``with leased.lease() as cipher: ...``) so a
 purge waits, bounded, for operations in flight. At start the node rebuilds this core from
@@ -16,8 +20,8 @@ the store with :meth:`RoundCipherCore.hydrate`, not from the log.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
@@ -25,16 +29,16 @@ from typing import Any, Final
 import structlog
 
 from enclave_keys.context import ContextRegistry, DependencyKey
-from enclave_keys.core_state import StateReader
+from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
 from enclave_keys.crypto import (
     Entropy,
-    Kek,
+    KekSource,
     RoundCipher,
     read_wrapped_header,
     unwrap_round_key,
     wrap_round_key,
 )
-from enclave_keys.errors import ContextClosed, RoundCipherRetired, UnwrapFailed
+from enclave_keys.errors import ContextClosed, LeaseTimeout, RoundCipherRetired, UnwrapFailed
 from enclave_keys.events import (
     Event,
     FailureReason,
@@ -210,8 +214,9 @@ class HydrationReport:
 class RoundCipherCore:
     """The round-cipher actor's logic. See the module docstring.
 
-    ``kek`` returns the active KEK (called once per key created). ``entropy`` makes keys
-    and nonces deterministic: FOR SIMULATIONS ONLY.
+    ``keks`` lends the active KEK for each key created (``active_kek()``) and keeps KEK
+    rotation out while a stored key is deleted (``hold_rotation()``). ``entropy`` makes
+    keys and nonces deterministic: FOR SIMULATIONS ONLY.
     """
 
     name: Final = "round-cipher"
@@ -220,11 +225,12 @@ class RoundCipherCore:
     def __init__(
         self,
         store: Store,
-        kek: Callable[[], Kek],
+        keks: KekSource,
         registry: ContextRegistry,
         *,
         lease_timeout: float = 5.0,
         entropy: Entropy | None = None,
+        horizon: int = DEFAULT_HORIZON,
     ) -> None:
         if (
             isinstance(lease_timeout, bool)
@@ -233,12 +239,16 @@ class RoundCipherCore:
         ):
             raise ValueError("lease_timeout must be a finite number of seconds >= 0")
         self._store = store
-        self._kek = kek
+        self._keks = keks
         self._registry = registry
         self._lease_timeout = float(lease_timeout)
         self._entropy = entropy
         self._lock = threading.Lock()
         self._held: dict[RoundId, LeasedRoundCipher] = {}
+        # Rounds seen completing. On a threaded runtime the router may close a round's
+        # context only after this core handled a RoundOpened that the log orders after
+        # the round's RoundComplete: the log order is what counts, never key such a round.
+        self._completed = RecentRounds(horizon)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -257,8 +267,12 @@ class RoundCipherCore:
     def handle(self, stored: StoredEvent) -> Sequence[Event]:
         event = stored.payload
         if isinstance(event, RoundOpened):
+            if event.round_id in self._completed:
+                _log.debug("round_key_not_needed", why="completed", round_id=event.round_id.value)
+                return ()
             return self._create(event.round_id)
         if isinstance(event, RoundComplete):
+            self._completed.add(event.round_id)
             purged = self._purge(event.round_id)
             return () if purged is None else (purged,)
         return ()
@@ -274,10 +288,13 @@ class RoundCipherCore:
             if self._registry.get(rid) is None:
                 _log.debug("round_key_not_needed", why="round_ended", **fields)
                 return ()
-            kek = self._kek()
-            cipher = RoundCipher.generate(rid, entropy=self._entropy)
-            self._store.put_key(rid, wrap_round_key(kek, cipher))
-            stored = True
+            # The lease spans wrap and store: a rotation cannot run in between and miss
+            # the blob, nor can this blob be wrapped under a version it has retired.
+            with self._keks.active_kek() as kek:
+                kek_version = kek.version
+                cipher = RoundCipher.generate(rid, entropy=self._entropy)
+                self._store.put_key(rid, wrap_round_key(kek, cipher))
+                stored = True
             leased = LeasedRoundCipher(cipher)
             context = self._registry.get(rid)
             if context is None:
@@ -299,7 +316,7 @@ class RoundCipherCore:
                 detail=type(exc).__qualname__,
             )
             return (failed,)
-        key_id, kek_version = cipher.key_id, kek.version
+        key_id = cipher.key_id
         _log.info(
             "round_key_created", key_id=key_id.hex(), kek_version=kek_version.number, **fields
         )
@@ -312,7 +329,7 @@ class RoundCipherCore:
         if not stored:
             return
         try:
-            self._store.delete_key(rid)
+            self._delete_stored(rid)
         except Exception as exc:
             # The recovery sweep deletes it at the next start (its round is not live).
             _log.error(
@@ -330,11 +347,9 @@ class RoundCipherCore:
         context = self._registry.get(rid)
         if context is not None:
             context.remove(ROUND_CIPHER)
-        blob = self._store.get_key(rid)
-        if blob is not None:
-            if key_id is None:
-                key_id = _key_id_of(blob)
-            self._store.delete_key(rid)
+        blob = self._delete_stored(rid)
+        if blob is not None and key_id is None:
+            key_id = _key_id_of(blob)
         if key_id is None:
             if blob is not None:
                 _log.warning("round_key_purged", round_id=rid.value, key_id=None)
@@ -342,15 +357,31 @@ class RoundCipherCore:
         _log.info("round_key_purged", round_id=rid.value, key_id=key_id.hex())
         return RoundPurged(round_id=rid, key_id=key_id)
 
+    def _delete_stored(self, rid: RoundId) -> bytes | None:
+        """Delete the round's stored blob (returned, if there was one) with rotation kept out.
+
+        Without the guard a rotation in flight could write the rewrapped blob back after
+        this delete. If the guard cannot be had in time the key is deleted anyway: a
+        blob written back is an orphan the recovery sweep purges, a key kept is worse.
+        """
+        with ExitStack() as guard:
+            try:
+                guard.enter_context(self._keks.hold_rotation())
+            except LeaseTimeout:
+                _log.warning("round_key_delete_unguarded", round_id=rid.value)
+            blob = self._store.get_key(rid)
+            if blob is not None:
+                self._store.delete_key(rid)
+            return blob
+
     # --- node operations ----------------------------------------------------------------
 
-    def hydrate(
-        self, kek_for_version: Callable[[KekVersion], Kek], live_rounds: Collection[RoundId]
-    ) -> HydrationReport:
+    def hydrate(self, keks: KekSource, live_rounds: Collection[RoundId]) -> HydrationReport:
         """Put the stored key of every live round back into its context (node start).
 
-        Keys of rounds that are not live are reported as orphans and left in the store
-        for the node's recovery sweep (:meth:`purge_orphan`).
+        Each blob is unwrapped under ``keks.kek_for(version it names)``. Keys of rounds
+        that are not live are reported as orphans and left in the store for the node's
+        recovery sweep (:meth:`purge_orphan`). Run it before KEK rotation can start.
         """
         live = set(live_rounds)
         hydrated: list[RoundId] = []
@@ -362,7 +393,7 @@ class RoundCipherCore:
             elif self.cipher_of(rid) is not None:
                 hydrated.append(rid)
             else:
-                problem = self._hydrate_one(rid, blob, kek_for_version)
+                problem = self._hydrate_one(rid, blob, keks)
                 if problem is None:
                     hydrated.append(rid)
                 else:
@@ -383,23 +414,24 @@ class RoundCipherCore:
         )
         return report
 
-    def _hydrate_one(
-        self, rid: RoundId, blob: bytes, kek_for_version: Callable[[KekVersion], Kek]
-    ) -> HydrationFailure | None:
+    def _hydrate_one(self, rid: RoundId, blob: bytes, keks: KekSource) -> HydrationFailure | None:
         try:
             kek_version, key_id = read_wrapped_header(blob)
         except UnwrapFailed:
             return self._hydration_failed(rid, HydrationProblem.MALFORMED_BLOB)
-        try:
-            kek = kek_for_version(kek_version)
-        except Exception:
-            return self._hydration_failed(
-                rid, HydrationProblem.KEK_UNAVAILABLE, key_id, kek_version
-            )
-        try:
-            cipher = unwrap_round_key(kek, rid, blob, entropy=self._entropy)
-        except UnwrapFailed:
-            return self._hydration_failed(rid, HydrationProblem.UNWRAP_FAILED, key_id, kek_version)
+        with ExitStack() as lease:
+            try:
+                kek = lease.enter_context(keks.kek_for(kek_version))
+            except Exception:
+                return self._hydration_failed(
+                    rid, HydrationProblem.KEK_UNAVAILABLE, key_id, kek_version
+                )
+            try:
+                cipher = unwrap_round_key(kek, rid, blob, entropy=self._entropy)
+            except UnwrapFailed:
+                return self._hydration_failed(
+                    rid, HydrationProblem.UNWRAP_FAILED, key_id, kek_version
+                )
         leased = LeasedRoundCipher(cipher)
         try:
             self._registry.open(rid).put(ROUND_CIPHER, leased)

@@ -36,7 +36,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from enclave_keys.context import ContextRegistry
-from enclave_keys.core_state import StateReader
+from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareFailed,
@@ -70,8 +70,6 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-DEFAULT_HORIZON: Final = 100_000
-"""How many of the most recent completed rounds the router remembers."""
 
 OWN_OUTPUTS: Final[frozenset[type[Event]]] = frozenset(
     {
@@ -249,7 +247,7 @@ class RouterState:
     def __init__(self, *, horizon: int = DEFAULT_HORIZON) -> None:
         self._horizon = _check_horizon(horizon)
         self._open: dict[RoundId, OpenRound] = {}
-        self._completed: dict[RoundId, None] = {}  # an insertion-ordered set, oldest first
+        self._completed = RecentRounds(horizon)
 
     @property
     def horizon(self) -> int:
@@ -296,10 +294,7 @@ class RouterState:
             self._mark_completed(rid)
 
     def _mark_completed(self, round_id: RoundId) -> None:
-        self._completed.pop(round_id, None)
-        self._completed[round_id] = None
-        while len(self._completed) > self._horizon:
-            del self._completed[next(iter(self._completed))]
+        self._completed.add(round_id)
 
     # --- snapshots ------------------------------------------------------------------------
 
@@ -339,13 +334,10 @@ class RouterState:
             )
             for item in map(reader.map, reader.items("open"))
         )
-        completed = {reader.round_id(raw): None for raw in reader.items("completed")}
-        if opened.keys() & completed.keys():
+        completed = [reader.round_id(raw) for raw in reader.items("completed")]
+        if opened.keys() & set(completed):
             raise reader.corrupt("a round is both open and completed")
-        excess = max(0, len(completed) - self._horizon)
-        for rid in list(completed)[:excess]:
-            del completed[rid]
-        self._open, self._completed = opened, completed
+        self._open, self._completed = opened, RecentRounds(self._horizon, completed)
 
 
 # --- the core -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "enclave_keys.keyshare": 4,
     "enclave_keys.reaper": 4,
     "enclave_keys.core_state": 4,
+    "enclave_keys.master": 4,
     "enclave_keys.node": 5,
     "enclave_keys.unseal": 5,
     "enclave_keys.snapshot": 5,

@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Final, Protocol
 
-from enclave_keys.crypto import Kek, SecretBytes
+from enclave_keys.crypto import SecretBytes
 from enclave_keys.errors import CorruptRecord, UnsealMismatch
-from enclave_keys.ids import KekVersion
 from enclave_keys.store import Store
 
 __all__ = [
-    "FIRST_KEK_VERSION",
     "METHOD_RECORD",
     "ROOT_KEY_SIZE",
     "Enrolment",
@@ -46,8 +44,6 @@ ROOT_KEY_SIZE: Final = 32
 METHOD_RECORD: Final = "master.method"
 """Owned by ``MasterKeys``: the ASCII name of the method the root key is sealed with."""
 RECORD_PREFIX: Final = "unseal."
-FIRST_KEK_VERSION: Final = KekVersion(1)
-"""Only for the deprecated :meth:`UnsealSource.unlock` bridge (the root used as KEK v1)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -108,31 +104,6 @@ class UnsealSource(Protocol):
     def unlock_root(self, store: Store) -> SecretBytes:
         """Recover the root key from this source's records in ``store`` (caller wipes it)."""
         ...
-
-    def unlock(self, store: Store) -> Kek:
-        """DEPRECATED bridge for today's ``node.py``: the root key used directly as KEK v1.
-
-        Removed when ``node.py`` moves to :meth:`unlock_root` and ``MasterKeys``.
-        """
-        ...
-
-
-class _HasUnlockRoot(Protocol):
-    def unlock_root(self, store: Store) -> SecretBytes: ...
-
-
-class DeprecatedUnlock:
-    """Mixin giving a source the deprecated :meth:`unlock` (root key as KEK v1, no enrolment).
-
-    :class:`~enclave_keys.unseal.passphrase.PassphraseUnseal` and
-    :class:`~enclave_keys.unseal.raw.KeyUnseal` override it to enrol on first start, as
-    the pre-keyring node expects. To be deleted with the ``node.py`` integration.
-    """
-
-    __slots__ = ()
-
-    def unlock(self: _HasUnlockRoot, store: Store) -> Kek:
-        return Kek(FIRST_KEK_VERSION, self.unlock_root(store))
 
 
 def stored_method(store: Store) -> str | None:

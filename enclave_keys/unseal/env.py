@@ -31,7 +31,6 @@ from enclave_keys.store import Store
 from enclave_keys.unseal.api import (
     METHOD_RECORD,
     ROOT_KEY_SIZE,
-    DeprecatedUnlock,
     Enrolment,
     read_record,
     stored_method,
@@ -45,7 +44,7 @@ _PURPOSE: Final = b"unseal/env"
 _HEX_KEY = re.compile(r"[0-9A-Fa-f]{64}")
 
 
-class EnvKeyUnseal(DeprecatedUnlock):
+class EnvKeyUnseal:
     """Read the root key from ``environ[variable]`` (64 hex characters, nothing else)."""
 
     __slots__ = ("_environ", "_variable")

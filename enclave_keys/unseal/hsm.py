@@ -57,7 +57,6 @@ from enclave_keys.errors import CorruptRecord, HsmError, UnsealMismatch
 from enclave_keys.store import Store
 from enclave_keys.unseal.api import (
     ROOT_KEY_SIZE,
-    DeprecatedUnlock,
     Enrolment,
     check_method,
     read_record,
@@ -326,7 +325,7 @@ def _generate_key(session: Session, token_label: str, key_label: str) -> Key:
 # --- the source ---------------------------------------------------------------------------
 
 
-class HsmUnseal(DeprecatedUnlock):
+class HsmUnseal:
     """Seal the root key under an AES key in a PKCS#11 token; unseal without an operator.
 
     ``module`` is the path of the PKCS#11 library (SoftHSM2:

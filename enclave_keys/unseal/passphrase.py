@@ -14,7 +14,6 @@ from typing import Final
 
 from enclave_keys.crypto import (
     KdfParams,
-    Kek,
     PassphraseRecord,
     SecretBytes,
     enroll_passphrase,
@@ -22,17 +21,14 @@ from enclave_keys.crypto import (
 )
 from enclave_keys.store import Store
 from enclave_keys.unseal.api import (
-    FIRST_KEK_VERSION,
     Enrolment,
     check_method,
     read_record,
 )
 
-__all__ = ["LEGACY_PASSPHRASE_RECORD", "PASSPHRASE_RECORD", "PassphraseUnseal"]
+__all__ = ["PASSPHRASE_RECORD", "PassphraseUnseal"]
 
 PASSPHRASE_RECORD: Final = "unseal.passphrase.kdf"  # noqa: S105 (a record name)
-LEGACY_PASSPHRASE_RECORD: Final = "unseal.passphrase"  # noqa: S105 (a record name)
-"""Where the pre-keyring node kept the same record; read by the deprecated ``unlock`` only."""
 
 
 class PassphraseUnseal:
@@ -63,28 +59,6 @@ class PassphraseUnseal:
         check_method(store, self.method)
         raw = read_record(store, PASSPHRASE_RECORD, self.method)
         return unlock_passphrase(self._passphrase, PassphraseRecord.from_bytes(raw))
-
-    def unlock(self, store: Store) -> Kek:
-        """DEPRECATED (today's ``node.py``): the root key as KEK v1; the first start enrols.
-
-        Reads ``unseal.passphrase.kdf`` (or the pre-keyring ``unseal.passphrase``); if
-        neither exists, enrols and writes the record itself.
-        """
-        raw = store.get_meta(PASSPHRASE_RECORD)
-        if raw is None:
-            raw = store.get_meta(LEGACY_PASSPHRASE_RECORD)
-        if raw is not None:
-            root = unlock_passphrase(self._passphrase, PassphraseRecord.from_bytes(raw))
-            return Kek(FIRST_KEK_VERSION, root)
-        enrolment = self.enrol()
-        try:
-            with store.write() as batch:
-                for name, value in enrolment.records.items():
-                    batch.put_meta(name, value)
-        except BaseException:
-            enrolment.wipe()
-            raise
-        return Kek(FIRST_KEK_VERSION, enrolment.root)
 
     def __repr__(self) -> str:
         return "PassphraseUnseal(<passphrase hidden>)"

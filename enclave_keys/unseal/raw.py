@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from enclave_keys.crypto import Kek, SecretBytes
+from enclave_keys.crypto import SecretBytes
 from enclave_keys.crypto.verifier import RootVerifier
 from enclave_keys.errors import InvalidKeyMaterial, WrongPassphrase
 from enclave_keys.store import Store
 from enclave_keys.unseal.api import (
-    FIRST_KEK_VERSION,
     ROOT_KEY_SIZE,
     Enrolment,
     check_method,
@@ -70,10 +69,6 @@ class KeyUnseal:
             root.wipe()
             raise WrongPassphrase("the key does not match the one this node was initialised with")
         return root
-
-    def unlock(self, store: Store) -> Kek:
-        """DEPRECATED (today's ``node.py``): a copy of the key as KEK v1, no records."""
-        return Kek(FIRST_KEK_VERSION, self._copy())
 
     def __repr__(self) -> str:
         return "KeyUnseal(<master key hidden>)"

@@ -73,7 +73,6 @@ from enclave_keys.events import UnsealProgress
 from enclave_keys.store import Store
 from enclave_keys.unseal.api import (
     ROOT_KEY_SIZE,
-    DeprecatedUnlock,
     Enrolment,
     check_method,
     read_record,
@@ -395,7 +394,7 @@ def _random_identifier(avoid: int | None) -> int:
             return identifier
 
 
-class ShamirUnseal(DeprecatedUnlock):
+class ShamirUnseal:
     """The Shamir method: enrol a new share set, or unlock with a list of shares.
 
     * :meth:`enrol_shares` / :meth:`resplit` — a new M-of-N set for a new (or the current)

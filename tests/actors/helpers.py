@@ -1,13 +1,14 @@
-"""Builders shared by the actor-core tests: stored events, KEKs, stores."""
+"""Builders shared by the actor-core tests: stored events, KEKs, keyrings, stores."""
 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
 
-from enclave_keys.crypto import Kek, SecretBytes
+from enclave_keys.crypto import Kek, Keyring, SecretBytes
 from enclave_keys.events import Event, StoredEvent
 from enclave_keys.ids import EventId, KekVersion
 from enclave_keys.store import LmdbStore, MemoryBacking, MemoryStore, Store
@@ -31,6 +32,24 @@ def make_kek(version: int = 1, key: bytes | None = None) -> Kek:
     """A KEK of ``version``: random, or from ``key`` (32 bytes) when a test needs them."""
     secret = SecretBytes.random(32) if key is None else SecretBytes.from_bytes(key)
     return Kek(KekVersion(version), secret)
+
+
+def make_keyring(key: bytes | None = None) -> Keyring:
+    """A one-version keyring (v1 active) — the in-memory KEK source of the actor tests.
+
+    Its KEK is random, or ``key`` (32 bytes) when a test needs the bytes; nonces always
+    come from the OS.
+    """
+    if key is None:
+        return Keyring.create()
+    pending = [key]
+
+    def entropy(size: int) -> bytes:  # the key once, then OS randomness for every nonce
+        if pending and size == len(pending[0]):
+            return pending.pop()
+        return os.urandom(size)
+
+    return Keyring.create(entropy)
 
 
 class RecordingEntropy:

@@ -9,7 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from enclave_keys.context import ContextRegistry, RoundContext
-from enclave_keys.crypto import Kek, RoundCipher, SecretBytes
+from enclave_keys.crypto import Keyring, RoundCipher, SecretBytes
 from enclave_keys.errors import CorruptRecord, InvalidKeyMaterial, UnwrapFailed
 from enclave_keys.events import (
     DecryptionShareCreated,
@@ -36,7 +36,7 @@ from enclave_keys.keyshare import (
 )
 from enclave_keys.round_cipher import ROUND_CIPHER, LeasedRoundCipher, RoundCipherCore
 from enclave_keys.store import MemoryStore
-from tests.actors.helpers import T0, RecordingEntropy, make_kek, stored
+from tests.actors.helpers import T0, RecordingEntropy, make_keyring, stored
 
 R = RoundId("e3:1")
 KEK_BYTES = os.urandom(32)
@@ -48,7 +48,7 @@ class Node:
 
     registry: ContextRegistry
     store: MemoryStore
-    kek: Kek
+    ring: Keyring
     ciphers: RoundCipherCore
     keyshare: KeyshareCore
 
@@ -85,10 +85,10 @@ class Node:
 def build(*, share_size: int = 32, entropy: RecordingEntropy | None = None) -> Node:
     registry = ContextRegistry()
     store = MemoryStore()
-    kek = make_kek(key=KEK_BYTES)
-    ciphers = RoundCipherCore(store, lambda: kek, registry, lease_timeout=1.0, entropy=entropy)
+    ring = make_keyring(key=KEK_BYTES)
+    ciphers = RoundCipherCore(store, ring, registry, lease_timeout=1.0, entropy=entropy)
     keyshare = KeyshareCore(registry, share_size=share_size, entropy=entropy)
-    return Node(registry, store, kek, ciphers, keyshare)
+    return Node(registry, store, ring, ciphers, keyshare)
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def node() -> Iterator[Node]:
     made = build()
     yield made
     made.ciphers.wipe_all()
-    made.kek.wipe()
+    made.ring.seal()
 
 
 def test_keyshare_core_is_a_handler(node: Node) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from enclave_keys.clock import ManualClock
 from enclave_keys.context import ContextRegistry
-from enclave_keys.crypto import Kek
+from enclave_keys.crypto import Keyring
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareRequested,
@@ -33,7 +33,7 @@ from enclave_keys.reaper import ReaperCore
 from enclave_keys.round_cipher import ROUND_CIPHER, RoundCipherCore
 from enclave_keys.router import RouterCore
 from enclave_keys.store import MemoryBacking, MemoryStore, Store
-from tests.actors.helpers import T0, make_kek
+from tests.actors.helpers import T0, make_keyring
 
 A, B = RoundId("e3:a"), RoundId("e3:b")
 
@@ -41,11 +41,11 @@ A, B = RoundId("e3:a"), RoundId("e3:b")
 class MiniNode:
     """The cores of a node, wired over one registry and one store, with an in-order log."""
 
-    def __init__(self, store: Store, kek: Kek, clock: ManualClock) -> None:
-        self.store, self.kek, self.clock = store, kek, clock
+    def __init__(self, store: Store, ring: Keyring, clock: ManualClock) -> None:
+        self.store, self.ring, self.clock = store, ring, clock
         self.registry = ContextRegistry()
         self.router = RouterCore(self.registry)
-        self.ciphers = RoundCipherCore(store, lambda: kek, self.registry, lease_timeout=1.0)
+        self.ciphers = RoundCipherCore(store, ring, self.registry, lease_timeout=1.0)
         self.keyshare = KeyshareCore(self.registry)
         self.reaper = ReaperCore(grace=10.0)
         self.cores: list[Handler] = [self.router, self.ciphers, self.keyshare, self.reaper]
@@ -102,14 +102,14 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def kek() -> Iterator[Kek]:
-    with make_kek() as active:
-        yield active
+def ring() -> Iterator[Keyring]:
+    with make_keyring() as made:
+        yield made
 
 
 @pytest.fixture
-def node(kek: Kek, clock: ManualClock) -> Iterator[MiniNode]:
-    made = MiniNode(MemoryStore(), kek, clock)
+def node(ring: Keyring, clock: ManualClock) -> Iterator[MiniNode]:
+    made = MiniNode(MemoryStore(), ring, clock)
     yield made
     made.ciphers.wipe_all()
 
@@ -160,9 +160,9 @@ def test_the_reaper_ends_a_round_stuck_in_accusation(node: MiniNode) -> None:
     assert node.tags(A)[-1] == RoundPurged.TAG  # nothing more
 
 
-def test_restart_replays_hydrates_and_sweeps(kek: Kek, clock: ManualClock) -> None:
+def test_restart_replays_hydrates_and_sweeps(ring: Keyring, clock: ManualClock) -> None:
     backing = MemoryBacking()
-    first = MiniNode(MemoryStore(backing), kek, clock)
+    first = MiniNode(MemoryStore(backing), ring, clock)
     first.request(A, T0 + 600)
     first.request(B, T0 + 600)
     snapshot_at = len(first.log)
@@ -178,7 +178,7 @@ def test_restart_replays_hydrates_and_sweeps(kek: Kek, clock: ManualClock) -> No
     first.ciphers.wipe_all()
     assert MemoryStore(backing).key_count() == 2
 
-    again = MiniNode(MemoryStore(backing), kek, clock)
+    again = MiniNode(MemoryStore(backing), ring, clock)
     again.router.restore_state(snapshots["router"])
     again.reaper.restore_state(snapshots["reaper"])
     again.keyshare.restore_state(snapshots["keyshare"])
@@ -188,7 +188,7 @@ def test_restart_replays_hydrates_and_sweeps(kek: Kek, clock: ManualClock) -> No
         again.keyshare.replay(stored)
     live = list(again.router.open_rounds())
     assert live == [A]
-    report = again.ciphers.hydrate(lambda version: kek, live)
+    report = again.ciphers.hydrate(ring, live)
     assert (report.hydrated, report.orphans, report.missing, report.failed) == ((A,), (B,), (), ())
     assert again.ciphers.purge_orphan(B) is not None
     assert again.store.key_count() == 1

@@ -130,11 +130,26 @@ def test_snapshot_round_trips_through_msgpack(reaper: ReaperCore, clock: ManualC
             {"round_id": "b", "deadline": DEADLINE + 1000, "stage": "compute", "fired": False},
             {"round_id": "e3:1", "deadline": DEADLINE, "stage": "requested", "fired": True},
         ],
+        "completed": [],
     }
     restored = ReaperCore(grace=GRACE)
     restored.restore_state(msgpack.unpackb(msgpack.packb(snapshot), raw=False))
     assert restored.snapshot_state() == snapshot
     assert restored.tick(clock.now()) == []
+
+
+def test_a_round_completed_before_it_was_opened_is_never_tracked(clock: ManualClock) -> None:
+    reaper = ReaperCore(grace=GRACE)
+    rid = RoundId("e3:cancelled")
+    reaper.handle(stored(RoundComplete(round_id=rid)))
+    reaper.handle(stored(RoundOpened(round_id=rid, deadline=DEADLINE)))
+    assert rid not in reaper.tracked()
+    clock.set(DEADLINE + GRACE + 1)
+    assert reaper.tick(clock.now()) == []
+    restored = ReaperCore(grace=GRACE)
+    restored.restore_state(msgpack.unpackb(msgpack.packb(reaper.snapshot_state()), raw=False))
+    restored.handle(stored(RoundOpened(round_id=rid, deadline=DEADLINE)))
+    assert rid not in restored.tracked()
 
 
 GOOD = {"round_id": "a", "deadline": T0, "stage": "compute", "fired": False}

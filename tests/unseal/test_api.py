@@ -17,7 +17,6 @@ from enclave_keys.errors import (
     UnsealMismatch,
     WrongPassphrase,
 )
-from enclave_keys.ids import KekVersion
 from enclave_keys.store import MemoryStore
 from enclave_keys.unseal import (
     METHOD_RECORD,
@@ -137,25 +136,19 @@ def test_key_unseal_round_trip_and_wrong_key() -> None:
 
 
 def test_key_unseal_refuses_bad_keys_and_missing_records() -> None:
+    with SecretBytes.random(32) as key, KeyUnseal(key).enrol() as enrolment:
+        store = initialised(enrolment, "raw")
     with SecretBytes.random(16) as short:
         with pytest.raises(InvalidKeyMaterial):
             KeyUnseal(short).enrol()
         with pytest.raises(InvalidKeyMaterial):
-            KeyUnseal(short).unlock(MemoryStore())
+            KeyUnseal(short).unlock_root(store)
     with pytest.raises(TypeError):
         KeyUnseal(bytes(32))  # type: ignore[arg-type]
     with SecretBytes.random(32) as key:
         with pytest.raises(UnsealMismatch, match=RAW_VERIFIER_RECORD):
             KeyUnseal(key).unlock_root(MemoryStore())
         assert "hidden" in repr(KeyUnseal(key))
-
-
-def test_key_unseal_deprecated_unlock_is_a_copy_as_kek_v1() -> None:
-    with SecretBytes.random(32) as key:
-        with KeyUnseal(key).unlock(MemoryStore()) as kek, kek._borrow_key() as view:
-            assert kek.version == KekVersion(1)
-            assert key.equals(view)
-        assert not key.is_wiped
 
 
 # --- read_secret ----------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from structlog.testing import capture_logs
 
 from enclave_keys.crypto import SecretBytes
 from enclave_keys.errors import CorruptRecord, HsmError, UnsealMismatch
-from enclave_keys.ids import KekVersion
 from enclave_keys.store import MemoryStore, Store
 from enclave_keys.unseal import METHOD_RECORD, Enrolment, HsmUnseal, UnsealSource
 from enclave_keys.unseal.hsm import (
@@ -361,10 +360,3 @@ def test_store_sealed_with_another_method_or_not_at_all(softhsm: SoftHsm) -> Non
     store.put_meta(METHOD_RECORD, b"shamir")
     with pytest.raises(UnsealMismatch, match="'shamir'"):
         softhsm.source().unlock_root(store)
-
-
-def test_deprecated_unlock_gives_kek_v1(softhsm: SoftHsm) -> None:
-    enrolment, store = enrolled(softhsm)
-    with enrolment, softhsm.source().unlock(store) as kek, kek._borrow_key() as key:
-        assert kek.version == KekVersion(1)
-        assert enrolment.root.equals(key)

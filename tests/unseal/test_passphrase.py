@@ -1,4 +1,4 @@
-"""PassphraseUnseal: enrol, unlock, wrong and invalid passphrases, records, the legacy bridge."""
+"""PassphraseUnseal: enrol, unlock, wrong and invalid passphrases, records."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from enclave_keys.errors import (
     UnsealMismatch,
     WrongPassphrase,
 )
-from enclave_keys.ids import KekVersion
 from enclave_keys.store import MemoryStore
 from enclave_keys.unseal import METHOD_RECORD, PassphraseUnseal, UnsealSource
-from enclave_keys.unseal.passphrase import LEGACY_PASSPHRASE_RECORD, PASSPHRASE_RECORD
+from enclave_keys.unseal.passphrase import PASSPHRASE_RECORD
 from tests.unseal.helpers import fast_params, flatten_logs, initialised
 
 PASSPHRASE = "correct horse battery staple"
@@ -105,27 +104,12 @@ def test_repr_hides_the_passphrase() -> None:
     assert PASSPHRASE not in repr(PassphraseUnseal(PASSPHRASE))
 
 
-def test_deprecated_unlock_enrols_on_first_start_then_unlocks() -> None:
-    store = MemoryStore()
-    source = PassphraseUnseal(PASSPHRASE, fast_params())
-    with source.unlock(store) as first, source.unlock(store) as again:
-        assert first.version == again.version == KekVersion(1)
-        assert store.get_meta(PASSPHRASE_RECORD) is not None
-        with (
-            PassphraseUnseal(PASSPHRASE).unlock_root(store) as root,
-            first._borrow_key() as one,
-            again._borrow_key() as two,
-        ):
-            assert root.equals(one)
-            assert root.equals(two)
-    with pytest.raises(WrongPassphrase):
-        PassphraseUnseal("other").unlock(store)
-
-
-def test_deprecated_unlock_reads_the_pre_keyring_record_name() -> None:
-    store = MemoryStore()
+def test_repeated_unlocks_give_the_same_root_and_another_passphrase_is_refused() -> None:
     with PassphraseUnseal(PASSPHRASE, fast_params()).enrol() as enrolment:
-        store.put_meta(LEGACY_PASSPHRASE_RECORD, enrolment.records[PASSPHRASE_RECORD])
-        with PassphraseUnseal(PASSPHRASE).unlock(store) as kek, kek._borrow_key() as key:
-            assert enrolment.root.equals(key)
-    assert store.get_meta(PASSPHRASE_RECORD) is None
+        store = initialised(enrolment, "passphrase")
+        source = PassphraseUnseal(PASSPHRASE)
+        with source.unlock_root(store) as first, source.unlock_root(store) as again:
+            assert first.equals(enrolment.root)
+            assert again.equals(enrolment.root)
+    with pytest.raises(WrongPassphrase):
+        PassphraseUnseal("other").unlock_root(store)

@@ -509,14 +509,6 @@ def test_resplit_refuses_a_bad_root() -> None:
         ShamirUnseal.resplit(short, 2, 3)
 
 
-def test_deprecated_unlock_uses_the_root_as_kek_v1(
-    share_set: tuple[bytes, dict[str, bytes], list[str]], store: Store
-) -> None:
-    root, _, mnemonics = share_set
-    with ShamirUnseal(mnemonics[:THRESHOLD]).unlock(store) as kek, kek._borrow_key() as key:
-        assert bytes(key) == root
-
-
 # --- interop with the reference `shamir` command --------------------------------------------
 
 

@@ -1,0 +1,374 @@
+"""``enclave-keys``: the operator's command line for a node's data directory.
+
+Commands (``enclave-keys COMMAND --help`` for each):
+
+* ``init`` — initialise a data directory: a root key from a passphrase, an M-of-N
+  Shamir share set (printed once, never stored), a PKCS#11 token, or the legacy
+  environment key; and a keyring with KEK v1 sealed under it;
+* ``unseal`` — check that a secret (or a set of shares) unseals the directory: starts the
+  node, runs recovery, reports, stops;
+* ``run`` — run a node until SIGTERM/SIGINT (which wipe every key before exiting);
+  SIGUSR1 seals it (wipes keys, keeps running), SIGUSR2 unseals it again;
+* ``seal`` — ask the node running on a directory to seal (sends it SIGUSR1);
+* ``rotate-kek`` — new active KEK; every stored round key rewrapped in one transaction;
+* ``rekey`` — new root key (new passphrase, new shares, an HSM seal, or a migration off
+  the environment key); round keys untouched;
+* ``status`` — what is in a directory, without unsealing it (``--json`` for scripts).
+
+Secrets (passphrases, PINs, shares) are read from a hidden prompt or from a file
+descriptor (``--secret-fd N``, one per line), never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from enclave_keys import __version__
+from enclave_keys.crypto import read_wrapped_header
+from enclave_keys.errors import EnclaveKeysError, UnsealMismatch
+from enclave_keys.log import configure_logging
+from enclave_keys.master import MasterKeys
+from enclave_keys.node import Node, NodeConfig
+from enclave_keys.store import LmdbStore, Store
+from enclave_keys.unseal import (
+    Enrolment,
+    EnvKeyUnseal,
+    HsmUnseal,
+    PassphraseUnseal,
+    ShamirUnseal,
+    UnsealSource,
+    read_secret,
+)
+
+PID_FILE = "node.pid"
+PKCS11_MODULE_ENV = "ENCLAVE_KEYS_PKCS11_MODULE"
+
+Printer = Callable[[str], None]
+
+
+class CliError(Exception):
+    """A usage problem the operator can fix; printed without a traceback, exit 2."""
+
+
+# --- secrets and unseal sources --------------------------------------------------------
+
+
+def _secret(args: argparse.Namespace, prompt: str) -> str:
+    return read_secret(prompt, fd=args.secret_fd)
+
+
+def _new_passphrase(args: argparse.Namespace) -> str:
+    first = _secret(args, "new passphrase: ")
+    if args.secret_fd is None and read_secret("repeat the passphrase: ") != first:
+        raise CliError("the passphrases differ")
+    return first
+
+
+def _pkcs11(args: argparse.Namespace) -> HsmUnseal:
+    module = args.pkcs11_module or os.environ.get(PKCS11_MODULE_ENV)
+    if not module:
+        raise CliError(f"name the PKCS#11 module: --pkcs11-module or ${PKCS11_MODULE_ENV}")
+    if not args.token_label:
+        raise CliError("name the token: --token-label")
+    return HsmUnseal(module, args.token_label, _secret(args, "token PIN: "))
+
+
+def _source_for(method: str, args: argparse.Namespace) -> UnsealSource | None:
+    """The unseal source for the method a directory was initialised with (None: shares)."""
+    if method == "passphrase":
+        return PassphraseUnseal(_secret(args, "passphrase: "))
+    if method == "pkcs11":
+        return _pkcs11(args)
+    if method == "env":
+        return EnvKeyUnseal()
+    if method == "shamir":
+        return None
+    raise CliError(f"this directory uses the {method!r} method, which the CLI cannot unseal")
+
+
+def _collect_shares(node: Node, args: argparse.Namespace, out: Printer) -> None:
+    """Submit shares one at a time until the node unseals; a bad share is reported."""
+    while node.sealed:
+        mnemonic = _secret(args, "share: ")
+        try:
+            progress = node.submit_share(mnemonic)
+        except EnclaveKeysError as exc:
+            out(f"share rejected: {exc}")
+            if args.secret_fd is not None:
+                raise
+            continue
+        out(f"share accepted: {progress.submitted} of {progress.threshold}")
+
+
+def _method_of(data_dir: Path) -> str:
+    with LmdbStore.open(data_dir, create=False) as store:
+        method = MasterKeys.method_of(store)
+    if method is None:
+        raise UnsealMismatch(f"{data_dir} is not initialised (run `enclave-keys init`)")
+    return method
+
+
+def _open_node(args: argparse.Namespace, out: Printer) -> Node:
+    """Open and unseal the node on ``args.data_dir`` with whatever its method needs."""
+    source = _source_for(_method_of(args.data_dir), args)
+    node = Node.open(args.data_dir, source, config=NodeConfig(runtime="pykka"))
+    try:
+        if node.sealed:
+            _collect_shares(node, args, out)
+    except BaseException:
+        node.stop()
+        raise
+    return node
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, out: Printer) -> int:
+    store = LmdbStore.open(args.data_dir)
+    try:
+        if MasterKeys.is_initialised(store):
+            raise CliError(f"{args.data_dir} is already initialised")
+        shares: list[str] = []
+        enrolment: Enrolment
+        if args.method == "passphrase":
+            enrolment = PassphraseUnseal(_new_passphrase(args)).enrol()
+        elif args.method == "shares":
+            threshold, count = _scheme(args.shares)
+            enrolment, shares = ShamirUnseal.enrol_shares(threshold, count)
+        elif args.method == "pkcs11":
+            enrolment = _pkcs11(args).enrol()
+        else:
+            enrolment = EnvKeyUnseal().enrol()
+        method = {"shares": "shamir"}.get(args.method, args.method)
+        master = MasterKeys.initialise(store, enrolment.root, method, enrolment.records)
+        version = master.active_version
+        master.seal(force=True)
+    finally:
+        store.close()
+    out(f"initialised {args.data_dir}: method {method}, KEK v{version.number} active")
+    _print_shares(shares, out)
+    return 0
+
+
+def _scheme(text: str) -> tuple[int, int]:
+    try:
+        threshold, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise CliError("--shares takes M/N, for example 3/5") from None
+    return threshold, count
+
+
+def _print_shares(shares: Sequence[str], out: Printer) -> None:
+    if not shares:
+        return
+    out(f"{len(shares)} shares follow; give one to each holder. They are not stored.")
+    for n, share in enumerate(shares, 1):
+        out(f"share {n}: {share}")
+
+
+def cmd_unseal(args: argparse.Namespace, out: Printer) -> int:
+    with _open_node(args, out) as node:
+        report = node.recovery
+        out(
+            f"unsealed: method {node.master.method}, KEK v{node.master.active_version.number}; "
+            f"{len(report.hydrated)} live round keys, {len(report.purged)} purged, "
+            f"{len(report.failed)} failed by recovery"
+        )
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace, out: Printer) -> int:
+    with _open_node(args, out) as node:
+        rotation = node.rotate_kek()
+    out(
+        f"KEK rotated: v{rotation.old_version.number} -> v{rotation.new_version.number}, "
+        f"{rotation.rewrapped} round keys rewrapped"
+    )
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace, out: Printer) -> int:
+    with _open_node(args, out) as node:
+        shares: list[str] = []
+        if args.to == "passphrase":
+            enrolment = PassphraseUnseal(_new_passphrase(args)).enrol()
+        elif args.to == "shares":
+            threshold, count = _scheme(args.shares)
+            enrolment, shares = ShamirUnseal.enrol_shares(threshold, count)
+        else:
+            enrolment = _pkcs11(args).enrol()
+        method = {"shares": "shamir"}.get(args.to, args.to)
+        node.rekey_root(enrolment, method)
+    out(f"root key replaced: now method {method}; round keys untouched")
+    _print_shares(shares, out)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, out: Printer) -> int:
+    with LmdbStore.open(args.data_dir, create=False) as store:
+        status = _status(store, args.data_dir)
+    if args.json:
+        out(json.dumps(status, sort_keys=True))
+    else:
+        for name, value in status.items():
+            out(f"{name:<22} {value}")
+    return 0
+
+
+def _status(store: Store, data_dir: Path) -> dict[str, object]:
+    versions: dict[str, int] = {}
+    for _, blob in store.list_keys():
+        version, _ = read_wrapped_header(blob)
+        versions[str(version)] = versions.get(str(version), 0) + 1
+    latest = store.latest_snapshot()
+    return {
+        "data_dir": str(data_dir),
+        "initialised": MasterKeys.is_initialised(store),
+        "method": MasterKeys.method_of(store),
+        "events": store.last_sequence(),
+        "live_round_keys": store.key_count(),
+        "round_keys_by_kek": versions,
+        "snapshot_sequence": None if latest is None else latest[0],
+        "running_pid": _running_pid(data_dir),
+    }
+
+
+def _running_pid(data_dir: Path) -> int | None:
+    try:
+        pid = int((data_dir / PID_FILE).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def cmd_seal(args: argparse.Namespace, out: Printer) -> int:
+    pid = _running_pid(args.data_dir)
+    if pid is None:
+        raise CliError(f"no node is running on {args.data_dir}")
+    os.kill(pid, signal.SIGUSR1)
+    out(f"asked node {pid} to seal")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, out: Printer) -> int:
+    """Run a node until SIGTERM/SIGINT; SIGUSR1 seals, SIGUSR2 unseals again."""
+    method = _method_of(args.data_dir)
+    source = _source_for(method, args)
+    node = Node.open(args.data_dir, source, config=NodeConfig(runtime="pykka"))
+    stop = threading.Event()
+    requests: list[str] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGUSR1:
+            requests.append("seal")
+        elif signum == signal.SIGUSR2:
+            requests.append("unseal")
+        else:
+            stop.set()
+
+    try:
+        if node.sealed:
+            _collect_shares(node, args, out)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, on_signal)
+        (args.data_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+        out(f"node running on {args.data_dir} (pid {os.getpid()})")
+        while not stop.wait(args.tick):
+            while requests:
+                _act(node, requests.pop(0), source, out)
+            if not node.sealed:
+                node.tick()
+    finally:
+        (args.data_dir / PID_FILE).unlink(missing_ok=True)
+        node.stop()
+    out("node stopped; every key wiped")
+    return 0
+
+
+def _act(node: Node, request: str, source: UnsealSource | None, out: Printer) -> None:
+    if request == "seal" and not node.sealed:
+        node.seal()
+        out("node sealed: every key wiped from memory")
+    elif request == "unseal" and node.sealed:
+        if source is None:
+            out("a share-unsealed node cannot unseal itself: restart it and submit shares")
+            return
+        node.start(source)
+        out("node unsealed")
+
+
+# --- the parser -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enclave-keys", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"enclave-keys {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--data-dir", type=Path, required=True, help="the node's LMDB directory")
+        p.set_defaults(handler=handler)
+        return p
+
+    def secrets(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--secret-fd",
+            type=int,
+            metavar="N",
+            help="read passphrases, PINs and shares from file descriptor N, one per line",
+        )
+        p.add_argument("--pkcs11-module", help=f"PKCS#11 library (or ${PKCS11_MODULE_ENV})")
+        p.add_argument("--token-label", help="PKCS#11 token label")
+
+    init = command("init", cmd_init, "initialise a data directory and its keyring")
+    init.add_argument("method", choices=("passphrase", "shares", "pkcs11", "env"))
+    init.add_argument("--shares", default="3/5", metavar="M/N", help="threshold/count")
+    secrets(init)
+
+    for name, handler, text in (
+        ("unseal", cmd_unseal, "check that the directory unseals; report recovery"),
+        ("rotate-kek", cmd_rotate, "rotate the KEK and rewrap every stored round key"),
+    ):
+        secrets(command(name, handler, text))
+
+    rekey = command("rekey", cmd_rekey, "replace the root key; round keys untouched")
+    rekey.add_argument("--to", required=True, choices=("passphrase", "shares", "pkcs11"))
+    rekey.add_argument("--shares", default="3/5", metavar="M/N", help="threshold/count")
+    secrets(rekey)
+
+    run = command("run", cmd_run, "run a node until SIGTERM; SIGUSR1 seals, SIGUSR2 unseals")
+    run.add_argument("--tick", type=float, default=1.0, help="seconds between reaper ticks")
+    secrets(run)
+
+    command("seal", cmd_seal, "ask the running node to seal (wipe every key)")
+    status = command("status", cmd_status, "what is in a data directory (no unsealing)")
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: Printer = print) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(level=logging.INFO if args.verbose else logging.WARNING)
+    handler: Callable[[argparse.Namespace, Printer], int] = args.handler
+    try:
+        return handler(args, out)
+    except (CliError, EnclaveKeysError, EOFError) as exc:
+        print(f"enclave-keys {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""Restart and recovery (design §3): clean stops, in-process crashes, the states a crash
+can leave in the store, and real SIGKILLs of a node running in a child process."""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from enclave_keys.crypto import SecretBytes
+from enclave_keys.events import (
+    DecryptionShareCreated,
+    DecryptionShareRequested,
+    Event,
+    FailureReason,
+    KeyshareCreated,
+    RoundComplete,
+    RoundFailed,
+    RoundKeyReady,
+    RoundOpened,
+    RoundPurged,
+    RoundRequested,
+    RoundStage,
+    RoundStageChanged,
+    StoredEvent,
+)
+from enclave_keys.ids import EventId, RoundId
+from enclave_keys.keyshare import DECRYPTION_SHARE_PURPOSE, KeyshareCore, derive_decryption_share
+from enclave_keys.node import Node
+from enclave_keys.store import LmdbStore
+from tests.node.conftest import (
+    FAR,
+    T0,
+    WAIT,
+    NodeFactory,
+    failures_of,
+    keyshare_ciphertexts,
+    leased_cipher,
+    log_of,
+    of_type,
+    open_keyshare,
+    publish,
+    request,
+    require_cipher,
+    rid,
+    settle,
+    tags_of,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+GRACE = 30.0
+
+
+@dataclass
+class Scene:
+    """Rounds left in every state a node can be stopped in."""
+
+    live: list[RoundId]
+    accused: RoundId
+    staged: RoundId
+    reapable: RoundId
+    ended: list[RoundId]
+    shares: dict[RoundId, bytes] = field(default_factory=dict)
+
+
+def set_scene(node: Node) -> Scene:
+    scene = Scene(
+        live=[rid(f"e3:live{i}") for i in range(5)],
+        accused=rid("e3:accused"),
+        staged=rid("e3:staged"),
+        reapable=rid("e3:reapable"),
+        ended=[rid(f"e3:ended{i}") for i in range(4)],
+    )
+    scene.live += [scene.accused, scene.staged, scene.reapable]
+    publish(
+        node,
+        *(request(r) for r in scene.live if r != scene.reapable),
+        request(scene.reapable, deadline=T0 + 60),
+        *(request(r) for r in scene.ended),
+    )
+    publish(
+        node,
+        RoundFailed(
+            round_id=scene.accused,
+            failed_at=RoundStage.KEY_GENERATION,
+            reason=FailureReason.INVALID_DKG_SHARES,
+        ),
+        RoundStageChanged(round_id=scene.staged, stage=RoundStage.DECRYPTION),
+        RoundComplete(round_id=scene.ended[0]),
+        RoundFailed(
+            round_id=scene.ended[1], failed_at=RoundStage.COMPUTE, reason=FailureReason.DKG_TIMEOUT
+        ),
+        RoundFailed(
+            round_id=scene.ended[2],
+            failed_at=RoundStage.COMPUTE,
+            reason=FailureReason.REQUESTER_CANCELLED,
+        ),
+        RoundFailed(
+            round_id=scene.ended[3],
+            failed_at=RoundStage.COMPUTE,
+            reason=FailureReason.VERIFICATION_FAILED,
+        ),
+        RoundComplete(round_id=scene.ended[3]),
+    )
+    scene.shares = keyshare_ciphertexts(log_of(node.store))
+    return scene
+
+
+def check_scene(node: Node, scene: Scene) -> None:
+    """After a restart: every live round is back whole, no ended round's key exists."""
+    assert node.recovery.hydrated == tuple(sorted(scene.live))
+    assert node.recovery.failed == ()
+    assert node.recovery.purged == ()
+    assert sorted(node.router.open_rounds()) == sorted(scene.live)
+    for r in scene.live:
+        assert node.store.get_key(r) is not None
+        assert len(open_keyshare(node, r, scene.shares[r])) == 32
+        held = node.keyshare.keyshare_of(r)  # rebuilt from the snapshot and the log
+        assert held is not None
+        assert held[1] == scene.shares[r]
+    for r in scene.ended:
+        assert node.store.get_key(r) is None
+        assert node.registry.get(r) is None
+        assert node.router.is_completed(r)
+    assert node.store.key_count() == len(scene.live)
+    assert node.router.open_rounds()[scene.accused].accusation
+    assert node.router.open_rounds()[scene.staged].stage is RoundStage.DECRYPTION
+
+
+def check_scene_goes_on(node: Node, nodes: NodeFactory, scene: Scene) -> None:
+    """The restarted node carries on: shares, the accusation's end, the reaper."""
+    r = scene.live[0]
+    keyshare = open_keyshare(node, r, scene.shares[r])
+    request_id = EventId.random()
+    publish(node, DecryptionShareRequested(round_id=r, request_id=request_id))
+    created = of_type(log_of(node.store), DecryptionShareCreated, r)
+    assert [c.request_id for c in created] == [request_id]
+    with require_cipher(node, r).lease() as cipher:
+        share = cipher.open(DECRYPTION_SHARE_PURPOSE, created[0].ciphertext)
+    assert share == derive_decryption_share(keyshare, r, request_id)
+
+    publish(node, RoundComplete(round_id=scene.accused))
+    assert node.store.get_key(scene.accused) is None
+
+    nodes.clock.set(T0 + 60 + GRACE + 1)  # the deadline survived the restart
+    node.tick()
+    settle(node)
+    assert failures_of(node.store, scene.reapable) == [FailureReason.DEADLINE_EXCEEDED]
+    assert node.store.get_key(scene.reapable) is None
+
+
+@pytest.mark.parametrize("snapshot_every", [1, 7, 1000])
+def test_a_clean_stop_mid_round_then_reopen(nodes: NodeFactory, snapshot_every: int) -> None:
+    node = nodes.open(snapshot_every=snapshot_every, reaper_grace=GRACE)
+    scene = set_scene(node)
+    node.stop()
+    assert node.store.closed
+
+    node = nodes.open(snapshot_every=snapshot_every, reaper_grace=GRACE)
+    assert node.recovery.snapshot_sequence is not None  # the one written at stop
+    assert node.recovery.replayed == 0  # covers the whole log: nothing to replay
+    check_scene(node, scene)
+    check_scene_goes_on(node, nodes, scene)
+
+
+@pytest.mark.parametrize("snapshot_every", [7, 1000])
+def test_an_in_process_crash_then_reopen_replays_the_log(
+    nodes: NodeFactory, snapshot_every: int
+) -> None:
+    node = nodes.open(snapshot_every=snapshot_every, reaper_grace=GRACE)
+    scene = set_scene(node)
+    publish(node, RoundStageChanged(round_id=scene.live[1], stage=RoundStage.COMPUTE))
+    length = node.store.last_sequence()
+    node.crash()
+
+    node = nodes.open(snapshot_every=snapshot_every, reaper_grace=GRACE)
+    replay_from = node.recovery.snapshot_sequence or 0
+    assert node.recovery.replayed == length - replay_from > 0
+    check_scene(node, scene)
+    check_scene_goes_on(node, nodes, scene)
+
+
+def test_a_key_left_behind_by_a_completed_round_is_purged_at_start(
+    nodes: NodeFactory, data_dir: Path
+) -> None:
+    """A crash after ``RoundComplete`` was logged but before the key's delete committed."""
+    node = nodes.open()
+    r, live = rid("e3:done"), rid("e3:live")
+    publish(node, request(r), request(live))
+    blob = node.store.get_key(r)
+    assert blob is not None
+    publish(node, RoundComplete(round_id=r))
+    node.stop()
+    with LmdbStore.open(data_dir) as store:
+        store.put_key(r, blob)
+
+    node = nodes.open()
+    assert node.recovery.purged == (r,)
+    assert node.recovery.hydrated == (live,)
+    assert node.store.get_key(r) is None
+    assert tags_of(node.store, r).count(RoundPurged.TAG) == 2
+    assert node.registry.get(r) is None
+
+
+def append_raw(data_dir: Path, *payloads: RoundRequested | RoundOpened | RoundFailed) -> None:
+    """Append events straight to the log, as a node killed mid-flight leaves them."""
+    with LmdbStore.open(data_dir) as store:
+        first = store.last_sequence() + 1
+        store.append_events(
+            [
+                StoredEvent(
+                    sequence=first + i,
+                    event_id=EventId.random(),
+                    timestamp=T0,
+                    source="node" if isinstance(p, RoundRequested | RoundFailed) else "router",
+                    payload=p,
+                )
+                for i, p in enumerate(payloads)
+            ]
+        )
+
+
+@pytest.mark.parametrize("opened", [True, False], ids=["opened", "requested-only"])
+def test_a_round_not_keyed_at_the_crash_fails_with_key_missing(
+    nodes: NodeFactory, data_dir: Path, opened: bool
+) -> None:
+    node = nodes.open()
+    keyed = rid("e3:keyed")
+    publish(node, request(keyed))
+    node.crash()
+    r = rid("e3:unkeyed")
+    events: list[RoundRequested | RoundOpened | RoundFailed] = [request(r, deadline=FAR)]
+    if opened:
+        events.append(RoundOpened(round_id=r, deadline=FAR))
+    append_raw(data_dir, *events)
+
+    node = nodes.open()
+    assert node.recovery.failed == (r,)
+    assert node.recovery.hydrated == (keyed,)
+    assert failures_of(node.store, r) == [FailureReason.KEY_MISSING_AFTER_RESTART]
+    assert node.router.is_completed(r)
+    assert node.registry.get(r) is None
+    assert node.store.key_count() == 1
+
+
+def test_a_hydrated_round_without_a_keyshare_is_announced_again(
+    nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node killed after the key was stored (and announced) but before the keyshare."""
+    handle = KeyshareCore.handle
+
+    def dies_before_sealing(self: KeyshareCore, stored: StoredEvent) -> Sequence[Event]:
+        if isinstance(stored.payload, RoundKeyReady):
+            return ()
+        return handle(self, stored)
+
+    monkeypatch.setattr(KeyshareCore, "handle", dies_before_sealing)
+    node = nodes.open()
+    r = rid("e3:no-share")
+    publish(node, request(r))
+    assert not of_type(log_of(node.store), KeyshareCreated)
+    node.crash()
+    monkeypatch.undo()
+
+    node = nodes.open()
+    assert node.recovery.reannounced == (r,)
+    assert node.recovery.hydrated == (r,)
+    shares = keyshare_ciphertexts(log_of(node.store))
+    assert len(open_keyshare(node, r, shares[r])) == 32
+    assert len(of_type(log_of(node.store), RoundKeyReady, r)) == 2
+
+
+# --- bugs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "keyed"),
+    [
+        (FailureReason.DKG_TIMEOUT, True),
+        (FailureReason.DEADLINE_EXCEEDED, True),
+        (FailureReason.DKG_TIMEOUT, False),
+    ],
+    ids=["timeout-keyed", "reaper-keyed", "timeout-before-keying"],
+)
+def test_a_timeout_logged_just_before_a_crash_still_ends_the_round(
+    nodes: NodeFactory, data_dir: Path, reason: FailureReason, keyed: bool
+) -> None:
+    """The log ends with the failure: the router's RoundComplete was never committed."""
+    node = nodes.open(reaper_grace=GRACE)
+    r, other = rid("e3:timed-out"), rid("e3:other")
+    publish(node, request(other), *([request(r, deadline=T0 + 60)] if keyed else []))
+    node.crash()
+    failure = RoundFailed(round_id=r, failed_at=RoundStage.COMPUTE, reason=reason)
+    if keyed:
+        append_raw(data_dir, failure)
+    else:  # killed before the router even opened the round
+        append_raw(data_dir, request(r, deadline=T0 + 60), failure)
+
+    node = nodes.open(reaper_grace=GRACE)
+    nodes.clock.set(T0 + 1_000)  # well past the deadline: not even the reaper ends it
+    node.tick()
+    settle(node)
+    assert r not in node.router.open_rounds(), "the failed round never ends"
+    assert node.router.is_completed(r)
+    assert node.store.get_key(r) is None
+    assert node.store.get_key(other) is not None
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    ["deterministic", "pykka"],
+)
+def test_event_ids_stay_unique_across_restarts(nodes: NodeFactory) -> None:
+    for i in range(3):
+        node = nodes.open()
+        publish(node, request(rid(f"e3:r{i}")))
+        node.stop()
+    node = nodes.open()
+    ids = [s.event_id for s in log_of(node.store)]
+    assert len(ids) == len(set(ids)), "event ids repeat in the log"
+
+
+# --- SIGKILL ----------------------------------------------------------------------------
+
+
+KILL_POINTS = 6
+KILL_SEED = 4_711
+
+
+class Child:
+    """A ``crash_child`` process: key through an inherited pipe, progress lines queued."""
+
+    def __init__(self, data_dir: Path, master: SecretBytes, seed: int, prefix: str, err: Path):
+        read_end, write_end = os.pipe()
+        self._stderr = err.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.node.crash_child",
+                    str(data_dir),
+                    str(read_end),
+                    str(seed),
+                    prefix,
+                ],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                pass_fds=(read_end,),
+            )
+        finally:
+            os.close(read_end)
+        with os.fdopen(write_end, "wb") as pipe, master.borrow() as key:
+            pipe.write(key)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode().rstrip("\n"))
+        self.lines.put(None)
+
+    def next_line(self, deadline: float) -> str:
+        try:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError("the child sent no progress in time") from None
+        assert line is not None, "the child exited before it was killed"
+        return line
+
+    def kill(self) -> list[str]:
+        """SIGKILL now; return the progress lines it wrote before dying."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        assert self.proc.wait(timeout=WAIT) == -signal.SIGKILL
+        rest: list[str] = []
+        deadline = time.monotonic() + WAIT
+        while True:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                break
+            rest.append(line)
+        self._reader.join(WAIT)
+        return rest
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=WAIT)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr.close()
+
+
+@dataclass
+class Claims:
+    """What the children reported as durable (each line follows a returned publish)."""
+
+    requested: set[RoundId] = field(default_factory=set)
+    completed: set[RoundId] = field(default_factory=set)
+    failed: set[RoundId] = field(default_factory=set)
+
+    def add(self, line: str) -> None:
+        word, *rest = line.split()
+        target = {"requested": self.requested, "completed": self.completed, "failed": self.failed}
+        if word in target:
+            target[word].add(RoundId(rest[0]))
+
+
+@dataclass
+class Stats:
+    kills: int = 0
+    rounds: int = 0
+    hydrated: int = 0
+    purged: int = 0
+    failed_unkeyed: int = 0
+    reannounced: int = 0
+
+
+@pytest.fixture
+def child_stderr(tmp_path: Path) -> Path:
+    return tmp_path / "child-stderr.log"
+
+
+def inspect_log(data_dir: Path) -> tuple[list[StoredEvent], set[RoundId]]:
+    """The whole log (it must decode end to end) and the rounds with a stored key."""
+    with LmdbStore.open(data_dir) as store:
+        events = list(store.read_events())
+        keyed = {r for r, _ in store.list_keys()}
+    assert [s.sequence for s in events] == list(range(1, len(events) + 1))
+    assert len({s.event_id for s in events}) == len(events), "event ids repeat"
+    return events, keyed
+
+
+def check_after_kill(
+    node: Node, before: list[StoredEvent], keys_before: set[RoundId], claims: Claims, stats: Stats
+) -> None:
+    """What must hold once recovery has run on what a SIGKILL left behind."""
+    requested = {p.round_id for p in of_type(before, RoundRequested)}
+    completed = {p.round_id for p in of_type(before, RoundComplete)}
+    announced = {p.round_id for p in of_type(before, RoundKeyReady)}
+    # Durability: whatever a child saw published is in the log.
+    assert claims.requested <= requested
+    assert claims.completed <= completed
+    assert claims.failed <= {p.round_id for p in of_type(before, RoundFailed)}
+
+    report = node.recovery
+    failed = set(report.failed)
+    open_rounds = node.router.open_rounds()
+    live = set(open_rounds) - failed
+    # Recovery failed only rounds the log shows live that were killed between opening
+    # and keying: no stored key, never announced; clearly, with key_missing_after_restart.
+    assert failed <= requested - completed - keys_before - announced
+    for r in failed:
+        assert FailureReason.KEY_MISSING_AFTER_RESTART in failures_of(node.store, r)
+        assert node.store.get_key(r) is None
+        assert leased_cipher(node, r) is None
+    # Every other round the log shows live is live, with its key, cipher and keyshare.
+    assert live == requested - completed - failed
+    for r in live:
+        assert node.store.get_key(r) is not None, f"live round {r} lost its key"
+        share = node.keyshare.keyshare_of(r)
+        assert share is not None, f"live round {r} has no keyshare"
+        assert len(open_keyshare(node, r, share[1])) == 32
+    # No key of a completed (or otherwise not live) round exists: leftovers were purged.
+    assert {r for r, _ in node.store.list_keys()} == live
+    assert set(report.purged) == keys_before - live
+    assert not completed & set(open_rounds)
+    # A round whose end was decided before the kill (a timeout logged, its RoundComplete
+    # not yet) is finished by recovery: none may stay "ending" after a restart.
+    stuck = {r for r, state in open_rounds.items() if state.ending}
+    assert not stuck, f"rounds left ending after recovery: {sorted(stuck)[:5]}"
+
+    stats.rounds = len(requested)
+    stats.hydrated += len(report.hydrated)
+    stats.purged += len(report.purged)
+    stats.failed_unkeyed += len(report.failed)
+    stats.reannounced += len(report.reannounced)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["pykka"])
+def test_sigkill_at_random_points_loses_no_live_key_and_keeps_no_ended_one(
+    nodes: NodeFactory,
+    data_dir: Path,
+    child_stderr: Path,
+    record_testsuite_property: Callable[[str, object], None],
+) -> None:
+    rng = random.Random(KILL_SEED)
+    claims = Claims()
+    stats = Stats()
+    for kill in range(KILL_POINTS):
+        lines_before_kill = rng.randint(1, 150)
+        child = Child(data_dir, nodes.master, rng.randrange(2**32), f"k{kill}", child_stderr)
+        try:
+            deadline = time.monotonic() + WAIT
+            for _ in range(lines_before_kill):
+                line = child.next_line(deadline)
+                assert line != "done"
+                claims.add(line)
+            for line in child.kill():
+                claims.add(line)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\nchild stderr:\n{child_stderr.read_text()[-3000:]}"
+            ) from exc
+        finally:
+            child.close()
+        stats.kills += 1
+
+        before, keys_before = inspect_log(data_dir)
+        node = nodes.open()
+        check_after_kill(node, before, keys_before, claims, stats)
+        node.stop()
+
+    # The last state, once more: past every deadline the reaper ends every round.
+    node = nodes.open()
+    nodes.clock.set(T0 + 10_000)
+    node.tick()
+    settle(node)
+    assert node.router.open_rounds() == {}
+    assert node.store.list_keys() == []
+    assert stats.kills == KILL_POINTS
+    for name, value in vars(stats).items():
+        record_testsuite_property(
+            f"sigkill_{name}", len(value) if isinstance(value, set) else value
+        )
