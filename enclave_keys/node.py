@@ -510,14 +510,32 @@ class Node:
         """On SIGTERM or SIGINT: stop cleanly (wiping every key), then exit 128 + signal.
 
         For a process that runs a node in its main thread (the CLI does). The handler
-        runs in the main thread between bytecodes; ``stop`` takes the node's re-entrant
-        lock, so a signal during a publish stops the node after that publish's commit.
+        does no work on the interrupted stack (which may hold the node's lock or be in
+        the middle of handing a message to an actor): it starts a thread that stops the
+        node — waiting for a publish in progress to finish — and then signals the main
+        thread again, whose handler now raises ``SystemExit(128 + signal)``. Signals that
+        arrive while the stop is under way are ignored.
         """
+        stopping: list[threading.Thread] = []
+        done = threading.Event()
+
+        def stop_then_exit(signum: int) -> None:
+            try:
+                self.stop()
+            finally:
+                done.set()
+                signal.pthread_kill(threading.main_thread().ident or 0, signum)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            _log.warning("node_signal", signal=signal.Signals(signum).name)
-            self.stop()
-            raise SystemExit(128 + signum)
+            if done.is_set():
+                raise SystemExit(128 + signum)
+            if not stopping:
+                _log.warning("node_signal", signal=signal.Signals(signum).name)
+                thread = threading.Thread(
+                    target=stop_then_exit, args=(signum,), name="node-signal-stop", daemon=True
+                )
+                stopping.append(thread)
+                thread.start()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)

@@ -151,6 +151,11 @@ class _Gate:
             except pykka.ActorDeadError:
                 self._in_flight.done()
                 return False
+            except BaseException:
+                # Anything else (a signal handler raising mid-tell, say): the message was
+                # not sent, so it must not stay counted, or every wait_idle would time out.
+                self._in_flight.done()
+                raise
             return True
 
 
