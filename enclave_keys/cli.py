@@ -22,12 +22,13 @@ descriptor (``--secret-fd N``, one per line), never from the command line.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -119,6 +120,7 @@ def _method_of(data_dir: Path) -> str:
 
 def _open_node(args: argparse.Namespace, out: Printer) -> Node:
     """Open and unseal the node on ``args.data_dir`` with whatever its method needs."""
+    _refuse_if_running(args.data_dir)
     source = _source_for(_method_of(args.data_dir), args)
     node = Node.open(args.data_dir, source, config=NodeConfig(runtime="pykka"))
     try:
@@ -244,12 +246,52 @@ def _status(store: Store, data_dir: Path) -> dict[str, object]:
 
 
 def _running_pid(data_dir: Path) -> int | None:
+    """The pid of the node running on ``data_dir``: only while its pid file is locked.
+
+    ``run`` holds an exclusive ``flock`` on ``node.pid`` for its whole life, so a file
+    left behind by a killed node (whose pid may since belong to another process) is
+    never mistaken for a running node.
+    """
     try:
-        pid = int((data_dir / PID_FILE).read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+        fd = os.open(data_dir / PID_FILE, os.O_RDONLY)
+    except OSError:
         return None
-    return pid
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return int(os.read(fd, 32).decode().strip() or 0) or None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None  # stale: nobody holds the lock
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _refuse_if_running(data_dir: Path) -> None:
+    pid = _running_pid(data_dir)
+    if pid is not None:
+        raise CliError(f"a node is running on {data_dir} (pid {pid}); stop it first")
+
+
+class _PidLock:
+    """``run``'s claim on a data directory: ``node.pid``, exclusively locked while held."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / PID_FILE
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise CliError(f"a node is already running on {data_dir}") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        self._path.unlink(missing_ok=True)
+        os.close(self._fd)  # closing drops the lock
 
 
 def cmd_seal(args: argparse.Namespace, out: Printer) -> int:
@@ -263,37 +305,41 @@ def cmd_seal(args: argparse.Namespace, out: Printer) -> int:
 
 def cmd_run(args: argparse.Namespace, out: Printer) -> int:
     """Run a node until SIGTERM/SIGINT; SIGUSR1 seals, SIGUSR2 unseals again."""
-    method = _method_of(args.data_dir)
-    source = _source_for(method, args)
+    pid_lock = _PidLock(args.data_dir)
+    try:
+        return _run(args, out)
+    finally:
+        pid_lock.release()
+
+
+def _run(args: argparse.Namespace, out: Printer) -> int:
+    source = _source_for(_method_of(args.data_dir), args)
     node = Node.open(args.data_dir, source, config=NodeConfig(runtime="pykka"))
-    stop = threading.Event()
-    requests: list[str] = []
+    # The handler only appends to a list: it takes no lock, so it cannot deadlock with
+    # the interrupted main thread. The main loop sleeps one tick at a time and acts.
+    requests: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGUSR1:
-            requests.append("seal")
-        elif signum == signal.SIGUSR2:
-            requests.append("unseal")
-        else:
-            stop.set()
+        requests.append(signum)
 
     try:
         if node.sealed:
             _collect_shares(node, args, out)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, on_signal)
-        (args.data_dir / PID_FILE).write_text(f"{os.getpid()}\n")
         out(f"node running on {args.data_dir} (pid {os.getpid()})")
-        while not stop.wait(args.tick):
+        while True:
             while requests:
-                _act(node, requests.pop(0), source, out)
+                signum = requests.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    return 0
+                _act(node, "seal" if signum == signal.SIGUSR1 else "unseal", source, out)
             if not node.sealed:
                 node.tick()
+            time.sleep(args.tick)
     finally:
-        (args.data_dir / PID_FILE).unlink(missing_ok=True)
         node.stop()
-    out("node stopped; every key wiped")
-    return 0
+        out("node stopped; every key wiped")
 
 
 def _act(node: Node, request: str, source: UnsealSource | None, out: Printer) -> None:
@@ -359,7 +405,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, *, out: Printer = print) -> int:
+def _print(line: str) -> None:
+    """Status lines reach a supervisor reading a pipe at once, not when the node exits."""
+    print(line, flush=True)
+
+
+def main(argv: Sequence[str] | None = None, *, out: Printer = _print) -> int:
     args = _parser().parse_args(argv)
     configure_logging(level=logging.INFO if args.verbose else logging.WARNING)
     handler: Callable[[argparse.Namespace, Printer], int] = args.handler

@@ -1,0 +1,1 @@
+"""Tests of the operator command line, ``enclave_keys.cli``."""
