@@ -23,11 +23,9 @@ import dataclasses
 import itertools
 import logging
 import os
-import queue
 import signal
-import subprocess
-import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +74,7 @@ from enclave_keys.unseal.env import DEFAULT_ENV_VARIABLE, ENV_VERIFIER_RECORD
 from enclave_keys.unseal.hsm import SEALED_ROOT_RECORD
 from enclave_keys.unseal.passphrase import PASSPHRASE_RECORD
 from enclave_keys.unseal.shamir import SHARE_SET_RECORD, ShareSetRecord
+from tests.node.child import KEY_FD, ChildProcess
 from tests.node.conftest import (
     WAIT,
     RuntimeName,
@@ -97,7 +96,6 @@ from tests.unseal.helpers import fast_params, flatten_logs, windows
 from tests.unseal.test_hsm import PIN, SoftHsm, softhsm  # noqa: F401 (the fixture, by name)
 from tests.unseal.test_shamir import foreign_set
 
-REPO = Path(__file__).resolve().parents[2]
 THRESHOLD, COUNT = 3, 5
 OLD_PASSPHRASE = "correct horse battery staple, the old one"
 NEW_PASSPHRASE = "a brand new passphrase for the rekeyed node"
@@ -782,61 +780,22 @@ def test_hsm_auto_unseal_end_to_end(bench: Bench, request: pytest.FixtureRequest
 # --- 6. signals --------------------------------------------------------------------------
 
 
-class SignalChild:
-    """A ``signal_child`` process; the key goes through an inherited pipe, never argv.
-
-    Its stdout lines arrive through a queue, so every wait for one is bounded.
-    """
+class SignalChild(ChildProcess):
+    """A ``signal_child`` process: it prints ``ready N``, waits for SIGTERM (or, in ``tell``
+    mode, signals itself mid-publish) and prints ``wiped W TOTAL`` on its way out."""
 
     def __init__(self, data_dir: Path, master: SecretBytes, live: int, ended: int, mode: str):
-        self.stderr_path = data_dir.parent / f"{data_dir.name}.err"
-        read_end, write_end = os.pipe()
-        with self.stderr_path.open("wb") as err:
-            try:
-                self.proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tests.node.signal_child",
-                        str(data_dir),
-                        str(read_end),
-                        str(live),
-                        str(ended),
-                        mode,
-                    ],
-                    cwd=REPO,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=err,
-                    pass_fds=(read_end,),
-                    text=True,
-                )
-            finally:
-                os.close(read_end)
-        with os.fdopen(write_end, "wb") as pipe, master.borrow() as key:
-            pipe.write(key)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-        self.lines.put(None)
-
-    def next_line(self) -> list[str]:
-        try:
-            line = self.lines.get(timeout=WAIT)
-        except queue.Empty:
-            raise AssertionError(f"the child printed nothing in time: {self.stderr()}") from None
-        assert line is not None, f"the child ended early: {self.stderr()}"
-        return line.split()
+        args = [str(data_dir), KEY_FD, str(live), str(ended), mode]
+        err = data_dir.parent / f"{data_dir.name}.err"
+        super().__init__("tests.node.signal_child", args, master, err)
 
     def ready(self) -> int:
         """Wait for ``ready N``; return N (snapshots in the store before the signal)."""
-        line = self.next_line()
-        assert line[:1] == ["ready"], f"child said {line}: {self.stderr()}"
+        try:
+            line = self.next_line(time.monotonic() + WAIT).split()
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.stderr_tail()}") from None
+        assert line[:1] == ["ready"], f"child said {line}: {self.stderr_tail()}"
         return int(line[1])
 
     def exit_code(self, bound: float) -> int | None:
@@ -844,34 +803,12 @@ class SignalChild:
 
         A child that does not exit gets SIGUSR1 (its stacks go to its stderr), then SIGKILL.
         """
-        try:
-            return self.proc.wait(timeout=bound)
-        except subprocess.TimeoutExpired:
+        code = self.wait(bound)
+        if code is None:
             self.proc.send_signal(signal.SIGUSR1)
-            try:
-                self.proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=WAIT)
-            return None
-
-    def rest(self) -> list[str]:
-        """The lines printed after ``ready``, up to the end of the output."""
-        found: list[str] = []
-        while (line := self.lines.get(timeout=WAIT)) is not None:
-            found.append(line)
-        return found
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()[-4000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=WAIT)
-        self._reader.join(WAIT)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+            if self.wait(1.0) is None:
+                self.kill()
+        return code
 
 
 def check_after_signal(
@@ -908,7 +845,7 @@ def test_sigterm_stops_the_node_wiping_its_keys_and_exits_143(
         assert child.ready() == 0
         child.proc.send_signal(signal.SIGTERM)
         code = child.exit_code(SIGNAL_BOUND)
-        assert code == 128 + signal.SIGTERM, f"exit code {code}: {child.stderr()}"
+        assert code == 128 + signal.SIGTERM, f"exit code {code}: {child.stderr_tail()}"
         assert "wiped 5 5" in child.rest()
     finally:
         child.close()
@@ -924,7 +861,7 @@ def test_sigterm_in_the_middle_of_a_publish_still_exits_143(
     try:
         child.ready()
         code = child.exit_code(SIGNAL_BOUND)
-        assert code == 128 + signal.SIGTERM, f"exit code {code}: {child.stderr()}"
+        assert code == 128 + signal.SIGTERM, f"exit code {code}: {child.stderr_tail()}"
     finally:
         child.close()
     check_after_signal(bench, data_dir, master, live=3, ended=2)

@@ -3,13 +3,8 @@ can leave in the store, and real SIGKILLs of a node running in a child process."
 
 from __future__ import annotations
 
-import os
-import queue
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +33,7 @@ from enclave_keys.ids import EventId, RoundId
 from enclave_keys.keyshare import DECRYPTION_SHARE_PURPOSE, KeyshareCore, derive_decryption_share
 from enclave_keys.node import Node
 from enclave_keys.store import LmdbStore
+from tests.node.child import KEY_FD, ChildProcess
 from tests.node.conftest import (
     FAR,
     T0,
@@ -57,7 +53,6 @@ from tests.node.conftest import (
     tags_of,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 GRACE = 30.0
 
 
@@ -337,72 +332,12 @@ KILL_POINTS = 6
 KILL_SEED = 4_711
 
 
-class Child:
-    """A ``crash_child`` process: key through an inherited pipe, progress lines queued."""
-
-    def __init__(self, data_dir: Path, master: SecretBytes, seed: int, prefix: str, err: Path):
-        read_end, write_end = os.pipe()
-        self._stderr = err.open("ab")
-        try:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.node.crash_child",
-                    str(data_dir),
-                    str(read_end),
-                    str(seed),
-                    prefix,
-                ],
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=self._stderr,
-                pass_fds=(read_end,),
-            )
-        finally:
-            os.close(read_end)
-        with os.fdopen(write_end, "wb") as pipe, master.borrow() as key:
-            pipe.write(key)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.put(raw.decode().rstrip("\n"))
-        self.lines.put(None)
-
-    def next_line(self, deadline: float) -> str:
-        try:
-            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise AssertionError("the child sent no progress in time") from None
-        assert line is not None, "the child exited before it was killed"
-        return line
-
-    def kill(self) -> list[str]:
-        """SIGKILL now; return the progress lines it wrote before dying."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait(timeout=WAIT) == -signal.SIGKILL
-        rest: list[str] = []
-        deadline = time.monotonic() + WAIT
-        while True:
-            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line is None:
-                break
-            rest.append(line)
-        self._reader.join(WAIT)
-        return rest
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=WAIT)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._stderr.close()
+def crash_child(
+    data_dir: Path, master: SecretBytes, seed: int, prefix: str, err: Path
+) -> ChildProcess:
+    """A ``crash_child`` process, publishing at random and printing what became durable."""
+    args = [str(data_dir), KEY_FD, str(seed), prefix]
+    return ChildProcess("tests.node.crash_child", args, master, err)
 
 
 @dataclass
@@ -504,14 +439,15 @@ def test_sigkill_at_random_points_loses_no_live_key_and_keeps_no_ended_one(
     stats = Stats()
     for kill in range(KILL_POINTS):
         lines_before_kill = rng.randint(1, 150)
-        child = Child(data_dir, nodes.master, rng.randrange(2**32), f"k{kill}", child_stderr)
+        child = crash_child(data_dir, nodes.master, rng.randrange(2**32), f"k{kill}", child_stderr)
         try:
             deadline = time.monotonic() + WAIT
             for _ in range(lines_before_kill):
                 line = child.next_line(deadline)
                 assert line != "done"
                 claims.add(line)
-            for line in child.kill():
+            assert child.kill() == -signal.SIGKILL
+            for line in child.rest():  # what it wrote before dying
                 claims.add(line)
         except AssertionError as exc:
             raise AssertionError(
