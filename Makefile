@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DATA   ?= demo-data
 
-.PHONY: test lint typecheck unit demo clean
+.PHONY: test lint typecheck unit demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,16 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
-## make demo: the main job on the embedded default (a local LMDB directory).
+## make demo: the main job — a seeded multi-node simulation on local LMDB directories
+## ($(DATA)/node-N), every invariant checked; prints the report ($(DATA)/report.md).
 demo: $(STAMP)
-	$(BIN)/python -m simulations --data-dir $(DATA)
+	$(BIN)/python -m simulations --data-dir $(DATA) --nodes 4 --rounds 300 \
+		--crash-every 250 --rotate-every 300 --seed 1
+
+## make bench: every benchmark at full size (a few minutes; docs/performance.md).
+## `make test` runs them at tiny size (tests/benchmarks), asserting no speed.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -13,7 +13,11 @@ Commands (``enclave-keys COMMAND --help`` for each):
 * ``rotate-kek`` — new active KEK; every stored round key rewrapped in one transaction;
 * ``rekey`` — new root key (new passphrase, new shares, an HSM seal, or a migration off
   the environment key); round keys untouched;
-* ``status`` — what is in a directory, without unsealing it (``--json`` for scripts).
+* ``status`` — what is in a directory, without unsealing it (``--json`` for scripts);
+* ``replay``, ``inspect``, ``export-log`` — rebuild state from an event log and check the
+  invariants, view rounds, key ids, KEK versions and epochs, export the log
+  (:mod:`enclave_keys.cli_logs`; no secret needed);
+* ``simulate`` — the seeded multi-node simulation (the same as ``python -m simulations``).
 
 Secrets (passphrases, PINs, shares) are read from a hidden prompt or from a file
 descriptor (``--secret-fd N``, one per line), never from the command line.
@@ -34,12 +38,15 @@ from pathlib import Path
 from types import FrameType
 
 from enclave_keys import __version__
+from enclave_keys.cli_logs import add_commands as add_log_commands
 from enclave_keys.crypto import read_wrapped_header
-from enclave_keys.errors import EnclaveKeysError, UnsealMismatch
+from enclave_keys.epochs import slot_status
+from enclave_keys.errors import EnclaveKeysError, UnsealMismatch, UnwrapFailed
 from enclave_keys.log import configure_logging
 from enclave_keys.master import MasterKeys
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore, Store
+from enclave_keys.store.scrub import scrub
 from enclave_keys.unseal import (
     Enrolment,
     EnvKeyUnseal,
@@ -228,10 +235,14 @@ def cmd_status(args: argparse.Namespace, out: Printer) -> int:
 
 
 def _status(store: Store, data_dir: Path) -> dict[str, object]:
-    versions: dict[str, int] = {}
+    by_epoch: dict[str, int] = {}
     for _, blob in store.list_keys():
-        version, _ = read_wrapped_header(blob)
-        versions[str(version)] = versions.get(str(version), 0) + 1
+        try:
+            name = str(read_wrapped_header(blob)[0])
+        except UnwrapFailed:
+            name = "unreadable"
+        by_epoch[name] = by_epoch.get(name, 0) + 1
+    current = [slot for slot in slot_status(store) if slot.state == "epoch"]
     latest = store.latest_snapshot()
     return {
         "data_dir": str(data_dir),
@@ -239,7 +250,11 @@ def _status(store: Store, data_dir: Path) -> dict[str, object]:
         "method": MasterKeys.method_of(store),
         "events": store.last_sequence(),
         "live_round_keys": store.key_count(),
-        "round_keys_by_kek": versions,
+        "round_keys_by_epoch": by_epoch,
+        "epoch_slots": [
+            f"slot {slot.index}: {slot.epoch} (sequence {slot.sequence}, KEK {slot.kek_version})"
+            for slot in current
+        ],
         "snapshot_sequence": None if latest is None else latest[0],
         "running_pid": _running_pid(data_dir),
     }
@@ -292,6 +307,17 @@ class _PidLock:
     def release(self) -> None:
         self._path.unlink(missing_ok=True)
         os.close(self._fd)  # closing drops the lock
+
+
+def cmd_scrub(args: argparse.Namespace, out: Printer) -> int:
+    """Compact the LMDB file and overwrite the old one in place (the node must be stopped)."""
+    pid_lock = _PidLock(args.data_dir)  # no node may start while the file is replaced
+    try:
+        report = scrub(args.data_dir)
+    finally:
+        pid_lock.release()
+    out(f"scrubbed {args.data_dir}: {report.old_size} bytes overwritten, {report.new_size} kept")
+    return 0
 
 
 def cmd_seal(args: argparse.Namespace, out: Printer) -> int:
@@ -400,8 +426,15 @@ def _parser() -> argparse.ArgumentParser:
     secrets(run)
 
     command("seal", cmd_seal, "ask the running node to seal (wipe every key)")
+    command("scrub", cmd_scrub, "compact the store and overwrite the old file (node stopped)")
     status = command("status", cmd_status, "what is in a data directory (no unsealing)")
     status.add_argument("--json", action="store_true")
+    add_log_commands(sub)
+    sub.add_parser(
+        "simulate",
+        help="run the seeded simulation (python -m simulations; --help for its options)",
+        add_help=False,
+    )
     return parser
 
 
@@ -410,7 +443,17 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
+def _simulate(argv: Sequence[str]) -> int:
+    """``enclave-keys simulate ARGS``: ``python -m simulations ARGS``."""
+    from simulations.cli import main as simulate
+
+    return simulate(argv, prog="enclave-keys simulate")
+
+
 def main(argv: Sequence[str] | None = None, *, out: Printer = _print) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        return _simulate(argv[1:])
     args = _parser().parse_args(argv)
     configure_logging(level=logging.INFO if args.verbose else logging.WARNING)
     handler: Callable[[argparse.Namespace, Printer], int] = args.handler

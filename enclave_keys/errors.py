@@ -109,6 +109,13 @@ class StoreUnavailable(StoreError):
     """The data directory cannot be opened (missing, foreign or damaged LMDB file)."""
 
 
+class CorruptSlot(StoreError):
+    """An epoch slot record is malformed: wrong magic, version, length or checksum.
+
+    A torn write leaves exactly this; recovery treats the slot as empty.
+    """
+
+
 # --- actors and lifecycle -------------------------------------------------------------
 
 
@@ -133,6 +140,25 @@ class RoundCipherRetired(LifecycleError):
 
 class LeaseTimeout(LifecycleError):
     """Open leases did not end within the bounded wait."""
+
+
+# --- storage epochs (forward secrecy at rest) ---------------------------------------
+
+
+class EpochError(EnclaveKeysError):
+    """Base for failures of the storage epoch ratchet."""
+
+
+class UnknownEpoch(EpochError):
+    """No key for this storage epoch: it was destroyed by a ratchet, or never existed.
+
+    A round key wrapped under such an epoch is unrecoverable — by design, once its
+    round was purged.
+    """
+
+
+class RatchetFailed(EpochError):
+    """An epoch change could not complete; memory and disk keep the previous epoch."""
 
 
 # --- master keys: unseal, keyring, ceremony, HSM -------------------------------------
@@ -180,3 +206,15 @@ class MismatchedShare(CeremonyError):
 
 class HsmError(MasterKeyError):
     """The PKCS#11 token is unreachable, refuses the PIN, or lacks the wrapping key."""
+
+
+# --- simulations, log files, replay (appended by the simulations work; append-only) ---
+
+
+class LogFileError(CodecError):
+    """An exported event-log file is malformed: wrong magic or version, a truncated or
+    oversized record, or a trailer whose count or digest does not match."""
+
+
+class ScenarioError(EnclaveKeysError, ValueError):
+    """A simulation scenario is malformed (an unknown outcome in a mix, a bad count)."""

@@ -1,4 +1,4 @@
-"""Identifier value types: round ids, key ids, event ids and KEK versions.
+"""Identifier value types: round ids, key ids, event ids, KEK versions and storage epochs.
 
 Each is a small frozen value that validates itself on construction, so a malformed id
 is rejected at the edge (with :class:`~enclave_keys.errors.InvalidIdentifier`) instead
@@ -135,3 +135,39 @@ class KekVersion:
 
     def __str__(self) -> str:
         return f"v{self.number}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class EpochNumber:
+    """Number of a storage epoch (the key that wraps round keys at rest): 1 to 2**64 - 1.
+
+    Each ratchet makes the next number; a number is never reused.
+    """
+
+    number: int
+
+    MAX: ClassVar[int] = 2**64 - 1
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.number, int)
+            or isinstance(self.number, bool)
+            or not 1 <= self.number <= self.MAX
+        ):
+            raise InvalidIdentifier("epoch number must be an integer from 1 to 2**64 - 1")
+
+    def to_bytes(self) -> bytes:
+        """Eight bytes, big-endian: the form used in wrapped keys and the slot file."""
+        return self.number.to_bytes(8, "big")
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> EpochNumber:
+        if len(raw) != 8:
+            raise InvalidIdentifier("epoch number must be encoded in exactly 8 bytes")
+        return cls(int.from_bytes(raw, "big"))
+
+    def next(self) -> EpochNumber:
+        return EpochNumber(self.number + 1)
+
+    def __str__(self) -> str:
+        return f"e{self.number}"

@@ -14,7 +14,7 @@ Metadata records:
 
 :class:`MasterKeys` is a :class:`~enclave_keys.crypto.KekSource` for the round-cipher
 actor (operation-scoped leases) and offers the operator operations: :meth:`rotate_kek`
-(new KEK, every stored round key rewrapped, one commit), :meth:`rekey_root` (the same
+(new KEK; the storage epoch key rewrapped under it in the same commit), :meth:`rekey_root` (the same
 keyring re-sealed under a new root, round keys untouched) and :meth:`seal`.
 """
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
 import structlog
 
@@ -39,22 +39,22 @@ from enclave_keys.crypto import (
     LeaseGate,
     SecretBytes,
     check_timeout,
-    read_wrapped_header,
-    unwrap_round_key,
-    wrap_round_key,
 )
 from enclave_keys.crypto.secret import NoCopy
 from enclave_keys.errors import (
     AlreadyInitialised,
     CorruptRecord,
     InvalidIdentifier,
+    MasterKeyError,
+    StoreUnavailable,
     UnsealMismatch,
 )
 from enclave_keys.events import KekRotated
-from enclave_keys.ids import KekVersion, RoundId
-from enclave_keys.store import Store
+from enclave_keys.ids import KekVersion
+from enclave_keys.store import Store, WriteBatch
+from enclave_keys.store.slots import SLOT_COUNT, SLOT_SIZE
 
-__all__ = ["KEYRING_RECORD", "METHOD_RECORD", "KekRotation", "MasterKeys"]
+__all__ = ["KEYRING_RECORD", "METHOD_RECORD", "KekDependent", "KekRotation", "MasterKeys"]
 
 _log = structlog.get_logger(__name__)
 
@@ -91,6 +91,21 @@ def _check_records(
     if both:
         raise InvalidIdentifier(f"record {both[0]!r} is both written and dropped")
     return puts, drops
+
+
+class KekDependent(Protocol):
+    """What a KEK rotation must rewrap (the storage epoch key), staged for its commit.
+
+    ``write(batch)`` adds records to the rotation's store batch and returns how many keys
+    it rewrapped; then exactly one of ``committed()`` (the batch is durable) or
+    ``aborted()`` (nothing was committed) is called.
+    """
+
+    def write(self, batch: WriteBatch) -> int: ...
+
+    def committed(self) -> None: ...
+
+    def aborted(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,32 +309,53 @@ class MasterKeys(NoCopy):
 
     # --- rotation -----------------------------------------------------------------------
 
-    def rotate_kek(self, *, timeout: float = DEFAULT_LEASE_WAIT) -> KekRotation:
-        """Make a new active KEK, rewrap every stored round key under it, retire the rest.
+    def rotate_kek(
+        self,
+        *,
+        timeout: float = DEFAULT_LEASE_WAIT,
+        rewrap: Callable[[Kek], KekDependent] | None = None,
+    ) -> KekRotation:
+        """Make a new active KEK, retire every other version, and commit the keyring.
 
-        Waits (bounded by ``timeout``) for open leases, then holds the keyring exclusively:
-        unwraps every stored blob under the version it names, wraps it under the new
-        version, and writes all rewrapped blobs plus the new keyring blob (the old
-        versions already retired) in ONE store batch. Only after that commit does the
-        in-memory keyring change and the old keys get wiped. Any failure before (a blob
-        that does not unwrap, a store error, :class:`LeaseTimeout`) leaves memory and
-        disk exactly as they were.
+        Waits (bounded by ``timeout``) for open leases, then holds the keyring
+        exclusively. ``rewrap(new_kek)`` (the node's epoch keeper) stages what the new KEK
+        must wrap; its :meth:`KekDependent.write` adds its records to the SAME store
+        batch as the new keyring blob (the old versions already retired). Only after that
+        commit does the in-memory keyring change and the old keys get wiped. Any failure
+        before (a store error, :class:`LeaseTimeout`) leaves memory and disk as they were
+        (``aborted()`` is called on the dependent).
+
+        Without ``rewrap`` on a store whose slot file holds a storage epoch, this raises
+        :class:`MasterKeyError` and changes nothing: retiring the KEK that wraps the epoch
+        key would lose every stored round key. Rotate through the node
+        (:meth:`enclave_keys.node.Node.rotate_kek`) or the epoch keeper.
         """
         with self._gate.exclusive(timeout):
+            if rewrap is None and _holds_an_epoch(self._store):
+                raise MasterKeyError(
+                    "the store holds a storage epoch wrapped under the current KEK: rotate"
+                    " through the epoch keeper (Node.rotate_kek), not MasterKeys alone"
+                )
             old = self._ring
             old_version = old.active_version
             new = _next_keyring(old)
+            dependent: KekDependent | None = None
+            rewrapped = 0
             try:
-                rewrapped = self._rewrap_all(old, new.active)
+                dependent = None if rewrap is None else rewrap(new.active)
                 blob = new.seal_to(self._root)
                 with self._store.write() as batch:
-                    for round_id, wrapped in rewrapped:
-                        batch.put_key(round_id, wrapped)
+                    if dependent is not None:
+                        rewrapped = dependent.write(batch)
                     batch.put_meta(KEYRING_RECORD, blob)
             except BaseException as exc:
+                if dependent is not None:
+                    dependent.aborted()
                 new.seal(0.0, force=True)
                 _log.error("kek_rotation_failed", error_type=type(exc).__qualname__)
                 raise
+            if dependent is not None:
+                dependent.committed()
             new_version = new.active_version
             with self._lock:
                 if self._gate.closed:  # a forced seal ran meanwhile: keep nothing
@@ -331,25 +367,9 @@ class MasterKeys(NoCopy):
             "kek_rotated",
             old_version=old_version.number,
             new_version=new_version.number,
-            rewrapped=len(rewrapped),
+            rewrapped=rewrapped,
         )
-        return KekRotation(old_version, new_version, len(rewrapped))
-
-    def _rewrap_all(self, old: Keyring, kek: Kek) -> list[tuple[RoundId, bytes]]:
-        rewrapped: list[tuple[RoundId, bytes]] = []
-        for round_id, blob in self._store.list_keys():
-            try:
-                version, _ = read_wrapped_header(blob)
-                with unwrap_round_key(old.kek(version), round_id, blob) as cipher:
-                    rewrapped.append((round_id, wrap_round_key(kek, cipher)))
-            except Exception as exc:
-                _log.error(
-                    "kek_rotation_blocked",
-                    round_id=round_id.value,
-                    error_type=type(exc).__qualname__,
-                )
-                raise
-        return rewrapped
+        return KekRotation(old_version, new_version, rewrapped)
 
     # --- rekey --------------------------------------------------------------------------
 
@@ -427,6 +447,15 @@ class MasterKeys(NoCopy):
         if self._gate.closed:
             return f"MasterKeys(method={self._method!r}, sealed)"
         return f"MasterKeys(method={self._method!r}, {self._ring!r})"
+
+
+def _holds_an_epoch(store: Store) -> bool:
+    """True if any epoch slot is not empty (a torn one counts: be safe)."""
+    try:
+        device = store.epoch_slots()
+    except StoreUnavailable:
+        return False
+    return any(device.read(index) != bytes(SLOT_SIZE) for index in range(SLOT_COUNT))
 
 
 def _next_keyring(old: Keyring) -> Keyring:

@@ -38,8 +38,8 @@ import structlog
 from enclave_keys.bus import EventBus, PublishRequest
 from enclave_keys.clock import Clock, SystemClock
 from enclave_keys.context import ContextRegistry
-from enclave_keys.crypto import read_wrapped_header
 from enclave_keys.crypto.hardening import harden_process
+from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper, EpochRecovery
 from enclave_keys.errors import CorruptRecord, LifecycleError, Sealed
 from enclave_keys.events import (
     Event,
@@ -83,10 +83,13 @@ class NodeConfig:
     completed_horizon: int = 100_000  # completed rounds remembered for late events
     idle_timeout: float = 60.0  # bound of every internal wait for the runtime to settle
     harden: bool = True  # RLIMIT_CORE=0 and PR_SET_DUMPABLE=0 at start (process-wide)
+    epoch_window: float = DEFAULT_EPOCH_WINDOW  # seconds from a purge to its epoch's end
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
             raise ValueError("snapshot_every must be at least 1")
+        if not 0 < self.epoch_window < float("inf"):
+            raise ValueError("epoch_window must be a finite number of seconds > 0")
         if self.reaper_grace < 0 or self.lease_timeout <= 0 or self.idle_timeout <= 0:
             raise ValueError("grace must be >= 0; lease and idle timeouts must be > 0")
 
@@ -101,6 +104,7 @@ class RecoveryReport:
     purged: tuple[RoundId, ...]
     failed: tuple[RoundId, ...]
     reannounced: tuple[RoundId, ...]
+    epoch: EpochRecovery | None = None  # what the slot file held (interrupted changes)
 
 
 @dataclass
@@ -139,6 +143,7 @@ class Node:
         self._lock = threading.RLock()
         self._registry = ContextRegistry()
         self._master: MasterKeys | None = None
+        self._epochs: EpochKeeper | None = None
         self._ceremony: ShamirCeremony | None = None
         self._cores: _Cores | None = None
         self._runtime: Runtime | None = None
@@ -198,6 +203,13 @@ class Node:
         return self._master
 
     @property
+    def epochs(self) -> EpochKeeper:
+        """The storage epoch keeper (forward secrecy at rest)."""
+        if self._epochs is None:
+            raise Sealed("the node is sealed")
+        return self._epochs
+
+    @property
     def router(self) -> RouterCore:
         return self._started().router
 
@@ -227,9 +239,11 @@ class Node:
             return stored
 
     def tick(self) -> None:
-        """Let the deadline reaper look at the clock (call periodically)."""
+        """Let the deadline reaper look at the clock, and ratchet the storage epoch if
+        purges have waited half its window (call periodically)."""
         with self._lock:
             self._runtime_or_raise().tick()
+            self.epochs.ratchet_if_due(self._clock.now())
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait until every event published so far and all it caused has been handled."""
@@ -288,18 +302,21 @@ class Node:
             runtime = self._runtime_or_raise()
             runtime.publish([NodeSealed()], source=NODE_SOURCE)
             self.snapshot()
+            self.epochs.ratchet_pending()
             self._shut_down()
             _log.info("node_sealed")
 
     def rotate_kek(self, *, timeout: float | None = None) -> KekRotation:
-        """Make a new active KEK, rewrap every stored round key under it, retire the old.
+        """Make a new active KEK and retire the old, as a storage epoch change: a new
+        epoch key wrapped under the new KEK, every live round key rewrapped under it.
 
         One store transaction: a crash leaves the old or the new keyring, never neither.
         Waits (bounded) for wraps in flight. Publishes ``KekRotated``.
         """
         with self._lock:
             self._runtime_or_raise()
-            rotation = self.master.rotate_kek(timeout=timeout or self._config.lease_timeout)
+            wait = timeout or self._config.lease_timeout
+            rotation = self.epochs.rotate_kek(self.master, timeout=wait)
             self.publish(rotation.event())
             return rotation
 
@@ -344,19 +361,32 @@ class Node:
         if self._config.harden:
             harden_process()
         self._master = master
+        cfg = self._config
         try:
-            cores = self._build_cores(master)
+            self._epochs, epoch_recovery = EpochKeeper.open(
+                self._store,
+                master,
+                clock=self._clock,
+                window=cfg.epoch_window,
+                lease_timeout=cfg.lease_timeout,
+            )
+            cores = self._build_cores(self._epochs)
             snapshot_sequence = self._restore_snapshot(cores)
             if snapshot_sequence is None:
                 # No snapshot, or an unreadable one: start from scratch, replay everything.
                 self._close_contexts()
-                cores = self._build_cores(master)
+                cores = self._build_cores(self._epochs)
             self._cores = cores
             replayed = self._replay(cores, after=snapshot_sequence or 0)
-            report = cores.round_cipher.hydrate(master, list(cores.router.open_rounds()))
+            report = cores.round_cipher.hydrate(list(cores.router.open_rounds()))
             self._runtime = self._build_runtime(cores)
             self._runtime.start()
-            self._recovery = self._sweep(snapshot_sequence, replayed, report)
+            self._recovery = self._sweep(snapshot_sequence, replayed, report, epoch_recovery)
+            # Whatever was purged before this start (a crash may have cut a window
+            # short) has its epoch destroyed now.
+            self._epochs.ratchet("start")
+            if cfg.runtime == "pykka":
+                self._epochs.start_timer()
         except BaseException:
             self._shut_down()
             raise
@@ -372,12 +402,12 @@ class Node:
         )
         return self._recovery
 
-    def _build_cores(self, master: MasterKeys) -> _Cores:
+    def _build_cores(self, epochs: EpochKeeper) -> _Cores:
         cfg = self._config
         return _Cores(
             router=RouterCore(self._registry, horizon=cfg.completed_horizon),
             round_cipher=RoundCipherCore(
-                self._store, master, self._registry, lease_timeout=cfg.lease_timeout
+                self._store, epochs, self._registry, lease_timeout=cfg.lease_timeout
             ),
             keyshare=KeyshareCore(
                 self._registry, share_size=cfg.share_size, horizon=cfg.completed_horizon
@@ -422,7 +452,11 @@ class Node:
         return count
 
     def _sweep(
-        self, snapshot_sequence: int | None, replayed: int, report: HydrationReport
+        self,
+        snapshot_sequence: int | None,
+        replayed: int,
+        report: HydrationReport,
+        epoch_recovery: EpochRecovery,
     ) -> RecoveryReport:
         cores = self._started()
         master = self.master
@@ -457,16 +491,15 @@ class Node:
 
         with_share = set(cores.keyshare.rounds_with_keyshare())
         reannounced = []
+        kek_version = self.epochs.kek_version
         for rid in report.hydrated:
-            blob = self._store.get_key(rid)
             context = self._registry.get(rid)
             leased = None if context is None else context.get(ROUND_CIPHER)
-            if rid in with_share or leased is None or blob is None:
+            if rid in with_share or leased is None or self._store.get_key(rid) is None:
                 continue
             if rid in ending:
                 continue
             reannounced.append(rid)
-            kek_version, _ = read_wrapped_header(blob)
             to_publish.append(
                 RoundKeyReady(round_id=rid, key_id=leased.key_id, kek_version=kek_version)
             )
@@ -481,6 +514,7 @@ class Node:
             purged=tuple(purged),
             failed=tuple(broken),
             reannounced=tuple(reannounced),
+            epoch=epoch_recovery,
         )
 
     # --- stop -------------------------------------------------------------------------
@@ -493,6 +527,8 @@ class Node:
             try:
                 if self._runtime is not None and self._cores is not None:
                     self.snapshot()
+                if self._epochs is not None:
+                    self._epochs.ratchet_pending()
             finally:
                 self._abandon()
             _log.info("node_stopped")
@@ -548,6 +584,9 @@ class Node:
         if self._cores is not None:
             self._cores.round_cipher.wipe_all()
             self._cores = None
+        if self._epochs is not None:
+            self._epochs.close()
+            self._epochs = None
         self._close_contexts()
         if self._ceremony is not None:
             self._ceremony.reset()

@@ -1,16 +1,18 @@
 """The round-cipher actor: creates, stores, hands out and purges each round's key.
 
 On ``RoundOpened`` (published by the router for a fresh round) :class:`RoundCipherCore`
-generates a round key, wraps it under the active KEK, stores the wrapped blob durably,
-puts a :class:`LeasedRoundCipher` into the round's context and only then publishes
-``RoundKeyReady``. The KEK comes from a :class:`~enclave_keys.crypto.KekSource` (the
-node's :class:`~enclave_keys.master.MasterKeys`) under a lease held across the wrap *and*
-the store of the blob, so a KEK rotation either rewraps the new blob or runs before it.
+generates a round key, wraps it under the current storage epoch key, stores the wrapped
+blob durably, puts a :class:`LeasedRoundCipher` into the round's context and only then
+publishes ``RoundKeyReady``. The epoch key comes from an
+:class:`~enclave_keys.crypto.EpochSource` (the node's
+:class:`~enclave_keys.epochs.EpochKeeper`) under a lease held across the wrap *and* the
+store of the blob, so an epoch change either rewraps the new blob or runs before it.
 If anything fails, what was made is undone and the round fails with
 ``key_creation_failed`` — there is never a fallback to the master key. On
-``RoundComplete`` the key is retired, wiped, deleted from the store (with KEK rotation
-kept out, so a rotation in flight cannot write it back) and removed from the context,
-and ``RoundPurged`` is published.
+``RoundComplete`` the key is retired, wiped, deleted from the store (with the ratchet
+kept out, so an epoch change in flight cannot write it back) and removed from the
+context, ``RoundPurged`` is published, and the epoch source is told: within its window
+it destroys the epoch key the deleted blob was wrapped under.
 
 Consumers use the cipher under a lease (``with leased.lease() as cipher: ...``) so a
 purge waits, bounded, for operations in flight. At start the node rebuilds this core from
@@ -32,7 +34,7 @@ from enclave_keys.context import ContextRegistry, DependencyKey
 from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
 from enclave_keys.crypto import (
     Entropy,
-    KekSource,
+    EpochSource,
     RoundCipher,
     read_wrapped_header,
     unwrap_round_key,
@@ -50,7 +52,7 @@ from enclave_keys.events import (
     RoundStage,
     StoredEvent,
 )
-from enclave_keys.ids import KekVersion, KeyId, RoundId
+from enclave_keys.ids import EpochNumber, KeyId, RoundId
 from enclave_keys.store import Store
 
 __all__ = [
@@ -172,8 +174,8 @@ class HydrationProblem(StrEnum):
     """Why a stored key of a live round could not be put back into its context."""
 
     MALFORMED_BLOB = "malformed_blob"  # the header cannot be read
-    KEK_UNAVAILABLE = "kek_unavailable"  # no KEK for the version the blob names
-    UNWRAP_FAILED = "unwrap_failed"  # authentication failed (wrong KEK, tampered, moved)
+    EPOCH_UNAVAILABLE = "epoch_unavailable"  # the blob's storage epoch key is destroyed
+    UNWRAP_FAILED = "unwrap_failed"  # authentication failed (tampered, moved)
     CONTEXT_CLOSED = "context_closed"  # the round's context was torn down meanwhile
 
 
@@ -184,7 +186,7 @@ class HydrationFailure:
     round_id: RoundId
     problem: HydrationProblem
     key_id: KeyId | None = None
-    kek_version: KekVersion | None = None
+    epoch: EpochNumber | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +216,10 @@ class HydrationReport:
 class RoundCipherCore:
     """The round-cipher actor's logic. See the module docstring.
 
-    ``keks`` lends the active KEK for each key created (``active_kek()``) and keeps KEK
-    rotation out while a stored key is deleted (``hold_rotation()``). ``entropy`` makes
-    keys and nonces deterministic: FOR SIMULATIONS ONLY.
+    ``epochs`` lends the current epoch key for each key created (``active_epoch()``),
+    keeps the ratchet out while a stored key is deleted (``hold_ratchet()``) and hears of
+    each deletion (``purged()``). ``entropy`` makes keys and nonces deterministic: FOR
+    SIMULATIONS ONLY.
     """
 
     name: Final = "round-cipher"
@@ -225,7 +228,7 @@ class RoundCipherCore:
     def __init__(
         self,
         store: Store,
-        keks: KekSource,
+        epochs: EpochSource,
         registry: ContextRegistry,
         *,
         lease_timeout: float = 5.0,
@@ -239,7 +242,7 @@ class RoundCipherCore:
         ):
             raise ValueError("lease_timeout must be a finite number of seconds >= 0")
         self._store = store
-        self._keks = keks
+        self._epochs = epochs
         self._registry = registry
         self._lease_timeout = float(lease_timeout)
         self._entropy = entropy
@@ -288,12 +291,12 @@ class RoundCipherCore:
             if self._registry.get(rid) is None:
                 _log.debug("round_key_not_needed", why="round_ended", **fields)
                 return ()
-            # The lease spans wrap and store: a rotation cannot run in between and miss
-            # the blob, nor can this blob be wrapped under a version it has retired.
-            with self._keks.active_kek() as kek:
-                kek_version = kek.version
+            # The lease spans wrap and store: a ratchet cannot run in between and miss
+            # the blob, nor can this blob be wrapped under an epoch it has destroyed.
+            with self._epochs.active_epoch() as epoch:
+                kek_version = self._epochs.kek_version
                 cipher = RoundCipher.generate(rid, entropy=self._entropy)
-                self._store.put_key(rid, wrap_round_key(kek, cipher))
+                self._store.put_key(rid, wrap_round_key(epoch, cipher))
                 stored = True
             leased = LeasedRoundCipher(cipher)
             context = self._registry.get(rid)
@@ -358,30 +361,33 @@ class RoundCipherCore:
         return RoundPurged(round_id=rid, key_id=key_id)
 
     def _delete_stored(self, rid: RoundId) -> bytes | None:
-        """Delete the round's stored blob (returned, if there was one) with rotation kept out.
+        """Delete the round's stored blob (returned, if there was one) with the ratchet
+        kept out, then tell the epoch source, which destroys the blob's epoch in time.
 
-        Without the guard a rotation in flight could write the rewrapped blob back after
-        this delete. If the guard cannot be had in time the key is deleted anyway: a
+        Without the guard an epoch change in flight could write the rewrapped blob back
+        after this delete. If the guard cannot be had in time the key is deleted anyway: a
         blob written back is an orphan the recovery sweep purges, a key kept is worse.
         """
         with ExitStack() as guard:
             try:
-                guard.enter_context(self._keks.hold_rotation())
+                guard.enter_context(self._epochs.hold_ratchet())
             except LeaseTimeout:
                 _log.warning("round_key_delete_unguarded", round_id=rid.value)
             blob = self._store.get_key(rid)
             if blob is not None:
                 self._store.delete_key(rid)
-            return blob
+        if blob is not None:
+            self._epochs.purged()
+        return blob
 
     # --- node operations ----------------------------------------------------------------
 
-    def hydrate(self, keks: KekSource, live_rounds: Collection[RoundId]) -> HydrationReport:
+    def hydrate(self, live_rounds: Collection[RoundId]) -> HydrationReport:
         """Put the stored key of every live round back into its context (node start).
 
-        Each blob is unwrapped under ``keks.kek_for(version it names)``. Keys of rounds
-        that are not live are reported as orphans and left in the store for the node's
-        recovery sweep (:meth:`purge_orphan`). Run it before KEK rotation can start.
+        Each blob is unwrapped under ``epochs.epoch_for(the epoch it names)``. Keys of
+        rounds that are not live are reported as orphans and left in the store for the
+        node's recovery sweep (:meth:`purge_orphan`). Run it before a ratchet can start.
         """
         live = set(live_rounds)
         hydrated: list[RoundId] = []
@@ -393,7 +399,7 @@ class RoundCipherCore:
             elif self.cipher_of(rid) is not None:
                 hydrated.append(rid)
             else:
-                problem = self._hydrate_one(rid, blob, keks)
+                problem = self._hydrate_one(rid, blob)
                 if problem is None:
                     hydrated.append(rid)
                 else:
@@ -414,30 +420,28 @@ class RoundCipherCore:
         )
         return report
 
-    def _hydrate_one(self, rid: RoundId, blob: bytes, keks: KekSource) -> HydrationFailure | None:
+    def _hydrate_one(self, rid: RoundId, blob: bytes) -> HydrationFailure | None:
         try:
-            kek_version, key_id = read_wrapped_header(blob)
+            number, key_id = read_wrapped_header(blob)
         except UnwrapFailed:
             return self._hydration_failed(rid, HydrationProblem.MALFORMED_BLOB)
         with ExitStack() as lease:
             try:
-                kek = lease.enter_context(keks.kek_for(kek_version))
+                epoch = lease.enter_context(self._epochs.epoch_for(number))
             except Exception:
                 return self._hydration_failed(
-                    rid, HydrationProblem.KEK_UNAVAILABLE, key_id, kek_version
+                    rid, HydrationProblem.EPOCH_UNAVAILABLE, key_id, number
                 )
             try:
-                cipher = unwrap_round_key(kek, rid, blob, entropy=self._entropy)
+                cipher = unwrap_round_key(epoch, rid, blob, entropy=self._entropy)
             except UnwrapFailed:
-                return self._hydration_failed(
-                    rid, HydrationProblem.UNWRAP_FAILED, key_id, kek_version
-                )
+                return self._hydration_failed(rid, HydrationProblem.UNWRAP_FAILED, key_id, number)
         leased = LeasedRoundCipher(cipher)
         try:
             self._registry.open(rid).put(ROUND_CIPHER, leased)
         except ContextClosed:
             cipher.wipe()
-            return self._hydration_failed(rid, HydrationProblem.CONTEXT_CLOSED, key_id, kek_version)
+            return self._hydration_failed(rid, HydrationProblem.CONTEXT_CLOSED, key_id, number)
         with self._lock:
             self._held[rid] = leased
         _log.debug("round_key_hydrated", round_id=rid.value, key_id=key_id.hex())
@@ -448,16 +452,16 @@ class RoundCipherCore:
         rid: RoundId,
         problem: HydrationProblem,
         key_id: KeyId | None = None,
-        kek_version: KekVersion | None = None,
+        epoch: EpochNumber | None = None,
     ) -> HydrationFailure:
         _log.warning(
             "round_key_hydration_failed",
             round_id=rid.value,
             problem=problem.value,
             key_id=None if key_id is None else key_id.hex(),
-            kek_version=None if kek_version is None else kek_version.number,
+            epoch=None if epoch is None else epoch.number,
         )
-        return HydrationFailure(rid, problem, key_id, kek_version)
+        return HydrationFailure(rid, problem, key_id, epoch)
 
     def purge_orphan(self, round_id: RoundId) -> RoundPurged | None:
         """Purge a round's key for the recovery sweep; the event for the node to publish.

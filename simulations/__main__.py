@@ -1,10 +1,10 @@
-"""Entry point: ``python -m simulations --data-dir DIR``."""
+"""Entry point: ``python -m simulations`` (see ``simulations.cli``)."""
 
 from __future__ import annotations
 
 import sys
 
-from simulations.scripted import main
+from simulations.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,20 +1,27 @@
 """Child process of the SIGKILL rotation test in ``tests/test_master.py``.
 
-``python -m tests.crash_rotation_child DATA_DIR ROOT_FILE ROUNDS [DIE_AFTER]``
+``python -m tests.crash_rotation_child DATA_DIR ROOT_FILE ROUNDS [DIE_AFTER [DIE_AT]]``
 
 Opens (or initialises, method ``raw``) the master keys of the LMDB store in ``DATA_DIR``
-with the 32-byte root key read from ``ROOT_FILE`` (never from argv). If the store holds no
-round key yet, creates ``ROUNDS`` round keys through the round-cipher core and stores, per
-round, a probe envelope sealed with its round key (meta ``probe.<round id>``). Then it
-rotates the KEK in a loop, printing one line before and one after each rotation, until
-the parent kills it:
+with the 32-byte root key read from ``ROOT_FILE`` (never from argv), and the store's
+storage epoch keeper (which finishes or rolls back whatever a kill interrupted). If the
+store holds no round key yet, creates ``ROUNDS`` round keys through the round-cipher core
+and stores, per round, a probe envelope sealed with its round key (meta
+``probe.<round id>``). Then it rotates the KEK as the node does — an epoch change through
+the keeper — in a loop, printing one line before and one after each rotation, until the
+parent kills it:
 
     ready <active version>
     begin <version being made>
     rotated <new version>        (printed only after the rotation committed)
 
-With ``DIE_AFTER`` = k it SIGKILLs itself right after its k-th rotation committed and
-before saying so: the one instant a parent cannot aim at from outside.
+With ``DIE_AFTER`` = k it SIGKILLs itself during its k-th rotation, at ``DIE_AT``: the
+instants a parent cannot aim at from outside.
+
+* ``slot_written`` — the new epoch key is durable in the other slot, nothing committed;
+* ``committed`` — the keyring and the rewrapped round keys committed, the old slot not
+  yet wiped;
+* ``returned`` (the default) — the rotation finished, before the child says so.
 """
 
 from __future__ import annotations
@@ -27,18 +34,22 @@ from pathlib import Path
 
 import structlog
 
+from enclave_keys.clock import ManualClock
 from enclave_keys.context import ContextRegistry
 from enclave_keys.crypto import SecretBytes
+from enclave_keys.epochs import EpochKeeper
 from enclave_keys.events import RoundKeyReady, RoundOpened
 from enclave_keys.ids import RoundId
 from enclave_keys.master import MasterKeys
 from enclave_keys.round_cipher import ROUND_CIPHER, RoundCipherCore
 from enclave_keys.store import LmdbStore
+from enclave_keys.store.api import PreparedBatch
 from tests.actors.helpers import T0, stored
 
 METHOD = "raw"
 PROBE_PURPOSE = "probe"
 MAX_ROTATIONS = 100_000  # the parent kills long before; this only bounds an orphan child
+DIE_AT = ("slot_written", "committed", "returned")
 
 
 def round_ids(count: int) -> list[RoundId]:
@@ -58,9 +69,24 @@ def read_root(path: Path) -> SecretBytes:
     return SecretBytes.from_buffer(buffer)
 
 
-def create_rounds(store: LmdbStore, master: MasterKeys, count: int) -> None:
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DyingStore(LmdbStore):
+    """An LMDB store that SIGKILLs its process right after a commit, once armed."""
+
+    armed = False
+
+    def _commit(self, batch: PreparedBatch) -> None:
+        super()._commit(batch)
+        if self.armed:
+            die()
+
+
+def create_rounds(store: LmdbStore, keeper: EpochKeeper, count: int) -> None:
     registry = ContextRegistry()
-    core = RoundCipherCore(store, master, registry)
+    core = RoundCipherCore(store, keeper, registry)
     for round_id in round_ids(count):
         registry.open(round_id)
         (ready,) = core.handle(stored(RoundOpened(round_id=round_id, deadline=T0 + 3600)))
@@ -81,21 +107,35 @@ def main(argv: list[str]) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     data_dir, root_file, rounds = Path(argv[0]), Path(argv[1]), int(argv[2])
     die_after = int(argv[3]) if len(argv) > 3 else None
-    store = LmdbStore.open(data_dir)
+    die_at = argv[4] if len(argv) > 4 else "returned"
+    if die_at not in DIE_AT:
+        raise SystemExit(f"DIE_AT must be one of {', '.join(DIE_AT)}")
+    store = DyingStore.open(data_dir)
+    assert isinstance(store, DyingStore)
     root = read_root(root_file)
     if MasterKeys.is_initialised(store):
         master = MasterKeys.open(store, root, METHOD)
     else:
         master = MasterKeys.initialise(store, root, METHOD)
+    dying = [False]  # set during the rotation this child dies in
+
+    def phase(name: str) -> None:
+        if dying[0] and name == die_at:
+            die()
+
+    keeper, _ = EpochKeeper.open(store, master, clock=ManualClock(T0), phase_hook=phase)
     if store.key_count() == 0:
-        create_rounds(store, master, rounds)
+        create_rounds(store, keeper, rounds)
     say("ready", master.active_version.number)
     for count in range(1, MAX_ROTATIONS + 1):
         say("begin", master.active_version.number + 1)
-        rotation = master.rotate_kek()
-        if count == die_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        dying[0] = count == die_after
+        store.armed = dying[0] and die_at == "committed"
+        rotation = keeper.rotate_kek(master)
+        if dying[0]:
+            die()  # "returned" (the other instants never get here)
         say("rotated", rotation.new_version.number)
+    keeper.close()
     master.seal()
     store.close()
 

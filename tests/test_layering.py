@@ -30,11 +30,20 @@ LAYERS: dict[str, int] = {
     "enclave_keys.reaper": 4,
     "enclave_keys.core_state": 4,
     "enclave_keys.master": 4,
+    "enclave_keys.epochs": 4,
     "enclave_keys.node": 5,
     "enclave_keys.unseal": 5,
     "enclave_keys.snapshot": 5,
+    "enclave_keys.replay": 5,  # pure projection of a log (simulations, replay, inspect)
+    "enclave_keys.invariants": 5,
+    "enclave_keys.inspect": 5,
+    "enclave_keys.logfile": 5,
     "enclave_keys.cli": 6,
+    "enclave_keys.cli_logs": 6,
     "enclave_keys.testing": 6,
+    "enclave_keys.testing.fakes": 6,
+    "enclave_keys.testing.statemachine": 6,
+    "enclave_keys.testing.strategies": 6,
 }
 
 

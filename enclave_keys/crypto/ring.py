@@ -211,13 +211,22 @@ class Keyring(NoCopy):
         extended or unknown-version blob (opaque), and :class:`CorruptRecord` for a blob
         that authenticates but whose plaintext breaks the layout or the invariants.
         """
-        aead = root_cipher(root)
+        ring = cls._open_with(root_cipher(root), blob, entropy)
+        if ring is None:
+            _log.warning("keyring_unwrap_failed")
+            raise UnwrapFailed(_WHAT)
+        return ring
+
+    @classmethod
+    def _open_with(cls, aead: AESGCM, blob: object, entropy: Entropy | None) -> Keyring | None:
+        """The keyring in ``blob`` under the root cipher ``aead``; None if it does not
+        authenticate (:class:`CorruptRecord` if it does but its plaintext is malformed)."""
         if (
             not isinstance(blob, bytes)
             or len(blob) < _BODY_START + TAG_SIZE
             or blob[0] != KEYRING_BLOB_VERSION
         ):
-            raise UnwrapFailed(_WHAT)
+            return None
         aad = frame(_DOMAIN, blob[:1])
         nonce, sealed = blob[1:_BODY_START], blob[_BODY_START:]
 
@@ -227,11 +236,25 @@ class Keyring(NoCopy):
         try:
             plain = SecretBytes._filled_by(len(sealed) - TAG_SIZE, decrypt)
         except InvalidTag:
-            _log.warning("keyring_unwrap_failed")
-            raise UnwrapFailed(_WHAT) from None
+            return None
         with plain, plain.borrow() as data:
             entries = _parse(data, entropy)
         return cls(entries, entropy=entropy)
+
+    @classmethod
+    def probe(cls, root: SecretBytes) -> Callable[[bytes], Keyring | None]:
+        """A quiet, fast :meth:`open` for forensic scans of many candidate blobs: the
+        returned function gives the keyring, or None (no log, no exception) for a blob
+        that does not open. ``root`` stays the caller's."""
+        aead = root_cipher(root)
+
+        def try_open(blob: bytes) -> Keyring | None:
+            try:
+                return cls._open_with(aead, blob, None)
+            except CorruptRecord:
+                return None
+
+        return try_open
 
     # --- queries -----------------------------------------------------------------------
 

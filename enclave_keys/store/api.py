@@ -28,6 +28,7 @@ from enclave_keys.errors import SequenceConflict, StoreError
 from enclave_keys.events import StoredEvent
 from enclave_keys.ids import RoundId
 from enclave_keys.store import records
+from enclave_keys.store.slots import SlotDevice
 
 # --- recorded operations ---------------------------------------------------------------
 
@@ -261,6 +262,11 @@ class Store(Protocol):
         ...
 
     def get_meta(self, name: str) -> bytes | None: ...
+
+    # the epoch slots: kept outside the copy-on-write store, overwritten in place
+    def epoch_slots(self) -> SlotDevice:
+        """The store's :class:`~enclave_keys.store.slots.SlotDevice` (closed with it)."""
+        ...
 
     # lifecycle
     def close(self) -> None:

@@ -20,6 +20,7 @@ from enclave_keys.events import StoredEvent
 from enclave_keys.ids import RoundId
 from enclave_keys.store import records
 from enclave_keys.store.api import PreparedBatch, WriteBatch
+from enclave_keys.store.slots import SlotDevice
 
 READ_CHUNK = 256
 """Events read per read transaction by :meth:`StoreBase.read_events`."""
@@ -58,6 +59,9 @@ class StoreBase(ABC):
 
     @abstractmethod
     def _last_sequence(self) -> int: ...
+
+    @abstractmethod
+    def _slot_device(self) -> SlotDevice: ...
 
     @abstractmethod
     def _event_records(self, start: int, count: int) -> list[tuple[bytes, bytes]]:
@@ -211,6 +215,10 @@ class StoreBase(ABC):
     def snapshot_sequences(self) -> list[int]:
         self._check_open()
         return [records.parse_sequence_key(k, db="snapshots") for k in self._snapshot_keys()]
+
+    def epoch_slots(self) -> SlotDevice:
+        self._check_open()
+        return self._slot_device()
 
     def get_meta(self, name: str) -> bytes | None:
         self._check_open()

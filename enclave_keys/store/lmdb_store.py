@@ -42,6 +42,8 @@ from enclave_keys.store.api import (
 )
 from enclave_keys.store.base import StoreBase
 from enclave_keys.store.locks import SharedExclusiveLock
+from enclave_keys.store.scrub import finish_pending_scrub
+from enclave_keys.store.slots import SlotFile
 
 _log = structlog.get_logger(__name__)
 
@@ -93,6 +95,8 @@ class LmdbStore(StoreBase):
         self._max_map_size = max_map_size
         self._lock = SharedExclusiveLock()
         self._write_lock = threading.Lock()
+        self._slots: SlotFile | None = None
+        self._create_slots = True
 
     @classmethod
     def open(
@@ -125,13 +129,15 @@ class LmdbStore(StoreBase):
             format_version=records.FORMAT_VERSION,
             map_size=env.info()["map_size"],
         )
-        return cls(
+        store = cls(
             env,
             where,
             dbs,
             max_map_size=max_map_size,
             snapshot_retention=snapshot_retention,
         )
+        store._create_slots = create
+        return store
 
     # --- introspection ----------------------------------------------------------------
 
@@ -283,9 +289,20 @@ class LmdbStore(StoreBase):
                 return
             self._closed = True
             self._env.close()
+            if self._slots is not None:
+                self._slots.close()
         _log.info("store_closed", path=str(self._path))
 
     # --- reads ------------------------------------------------------------------------
+
+    def _slot_device(self) -> SlotFile:
+        """``epoch.slots`` next to ``data.mdb``, opened on first use — and created if
+        missing, unless the store was opened with ``create=False`` (then a missing file is
+        :class:`StoreUnavailable`: a read-only look never writes one)."""
+        with self._write_lock:
+            if self._slots is None:
+                self._slots = SlotFile.open(self._path, create=self._create_slots)
+            return self._slots
 
     def _last_sequence(self) -> int:
         def work(txn: lmdb.Transaction[bytes]) -> int:
@@ -339,6 +356,8 @@ class LmdbStore(StoreBase):
 def _open_environment(path: Path, map_size: int, *, create: bool) -> lmdb.Environment:
     """Check the directory, then open it as an LMDB environment, durability on."""
     data_file = path / DATA_FILE
+    if path.is_dir():
+        finish_pending_scrub(path)
     if path.exists() and not path.is_dir():
         raise StoreUnavailable(f"{path} is not a directory, so not an enclave_keys store")
     if not path.exists():

@@ -26,6 +26,7 @@ from enclave_keys.store.api import (
     snapshots_to_prune,
 )
 from enclave_keys.store.base import StoreBase
+from enclave_keys.store.slots import MemorySlots, SlotDevice
 
 
 def _initial_meta() -> dict[bytes, bytes]:
@@ -40,6 +41,7 @@ class MemoryBacking:
     round_keys: dict[bytes, bytes] = field(default_factory=dict)
     snapshots: dict[int, bytes] = field(default_factory=dict)
     meta: dict[bytes, bytes] = field(default_factory=_initial_meta)
+    slots: MemorySlots = field(default_factory=MemorySlots)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __repr__(self) -> str:
@@ -103,6 +105,9 @@ class MemoryStore(StoreBase):
                 del data.snapshots[sequence]
 
     # --- reads ------------------------------------------------------------------------
+
+    def _slot_device(self) -> SlotDevice:
+        return self._backing.slots
 
     def _last_sequence(self) -> int:
         with self._backing.lock:

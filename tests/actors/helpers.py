@@ -1,4 +1,5 @@
-"""Builders shared by the actor-core tests: stored events, KEKs, keyrings, stores."""
+"""Builders shared by the actor-core tests: stored events, KEKs, keyrings, epoch keepers,
+stores."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from enclave_keys.crypto import Kek, Keyring, SecretBytes
+from enclave_keys.clock import ManualClock
+from enclave_keys.crypto import Entropy, Kek, KekSource, Keyring, SecretBytes
+from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper
 from enclave_keys.events import Event, StoredEvent
 from enclave_keys.ids import EventId, KekVersion
 from enclave_keys.store import LmdbStore, MemoryBacking, MemoryStore, Store
@@ -50,6 +53,31 @@ def make_keyring(key: bytes | None = None) -> Keyring:
         return os.urandom(size)
 
     return Keyring.create(entropy)
+
+
+def open_keeper(
+    store: Store,
+    keks: KekSource,
+    *,
+    clock: ManualClock | None = None,
+    window: float = DEFAULT_EPOCH_WINDOW,
+    lease_timeout: float = 10.0,
+    entropy: Entropy | None = None,
+) -> EpochKeeper:
+    """The storage epoch keeper of ``store``, its epoch key wrapped under ``keks``.
+
+    On a :class:`ManualClock` (``T0`` unless given) that only a test moves, so no ratchet
+    is ever due by itself. Close it when done (``keeper.close()``).
+    """
+    keeper, _ = EpochKeeper.open(
+        store,
+        keks,
+        clock=ManualClock(T0) if clock is None else clock,
+        window=window,
+        lease_timeout=lease_timeout,
+        entropy=entropy,
+    )
+    return keeper
 
 
 class RecordingEntropy:

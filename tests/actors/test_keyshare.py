@@ -10,6 +10,7 @@ from structlog.testing import capture_logs
 
 from enclave_keys.context import ContextRegistry, RoundContext
 from enclave_keys.crypto import Keyring, RoundCipher, SecretBytes
+from enclave_keys.epochs import EpochKeeper
 from enclave_keys.errors import CorruptRecord, InvalidKeyMaterial, UnwrapFailed
 from enclave_keys.events import (
     DecryptionShareCreated,
@@ -36,7 +37,7 @@ from enclave_keys.keyshare import (
 )
 from enclave_keys.round_cipher import ROUND_CIPHER, LeasedRoundCipher, RoundCipherCore
 from enclave_keys.store import MemoryStore
-from tests.actors.helpers import T0, RecordingEntropy, make_keyring, stored
+from tests.actors.helpers import T0, RecordingEntropy, make_keyring, open_keeper, stored
 
 R = RoundId("e3:1")
 KEK_BYTES = os.urandom(32)
@@ -49,6 +50,8 @@ class Node:
     registry: ContextRegistry
     store: MemoryStore
     ring: Keyring
+    keeper: EpochKeeper
+    epoch_entropy: RecordingEntropy  # made the epoch key: a test may look at its bytes
     ciphers: RoundCipherCore
     keyshare: KeyshareCore
 
@@ -86,9 +89,11 @@ def build(*, share_size: int = 32, entropy: RecordingEntropy | None = None) -> N
     registry = ContextRegistry()
     store = MemoryStore()
     ring = make_keyring(key=KEK_BYTES)
-    ciphers = RoundCipherCore(store, ring, registry, lease_timeout=1.0, entropy=entropy)
+    epoch_entropy = RecordingEntropy(seed=99)
+    keeper = open_keeper(store, ring, lease_timeout=1.0, entropy=epoch_entropy)
+    ciphers = RoundCipherCore(store, keeper, registry, lease_timeout=1.0, entropy=entropy)
     keyshare = KeyshareCore(registry, share_size=share_size, entropy=entropy)
-    return Node(registry, store, ring, ciphers, keyshare)
+    return Node(registry, store, ring, keeper, epoch_entropy, ciphers, keyshare)
 
 
 @pytest.fixture
@@ -96,6 +101,7 @@ def node() -> Iterator[Node]:
     made = build()
     yield made
     made.ciphers.wipe_all()
+    made.keeper.close()
     made.ring.seal()
 
 
@@ -111,10 +117,13 @@ def test_share_opens_under_the_round_key_and_not_under_the_kek(node: Node) -> No
     with node.cipher().lease() as cipher:
         share = cipher.open(KEYSHARE_PURPOSE, created.ciphertext)
     assert len(share) == 32
-    # the same envelope, tried with the master key's bytes as if it were the round key
-    master = RoundCipher(R, created.key_id, SecretBytes.from_bytes(KEK_BYTES))
-    with master, pytest.raises(UnwrapFailed):
-        master.open(KEYSHARE_PURPOSE, created.ciphertext)
+    # the same envelope, tried with the master key's (and the storage epoch key's) bytes
+    # as if either were the round key
+    (epoch_key,) = node.epoch_entropy.secrets_of_size(32)
+    for wrong in (KEK_BYTES, epoch_key):
+        master = RoundCipher(R, created.key_id, SecretBytes.from_bytes(wrong))
+        with master, pytest.raises(UnwrapFailed):
+            master.open(KEYSHARE_PURPOSE, created.ciphertext)
     assert node.keyshare.keyshare_of(R) == (created.key_id, created.ciphertext)
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from enclave_keys.clock import ManualClock
 from enclave_keys.context import ContextRegistry
-from enclave_keys.crypto import Keyring
+from enclave_keys.crypto import Keyring, read_wrapped_header
+from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareRequested,
@@ -27,25 +28,27 @@ from enclave_keys.events import (
     StoredEvent,
 )
 from enclave_keys.handler import Handler, Ticking
-from enclave_keys.ids import EventId, RoundId
+from enclave_keys.ids import EpochNumber, EventId, RoundId
 from enclave_keys.keyshare import KeyshareCore
 from enclave_keys.reaper import ReaperCore
 from enclave_keys.round_cipher import ROUND_CIPHER, RoundCipherCore
 from enclave_keys.router import RouterCore
 from enclave_keys.store import MemoryBacking, MemoryStore, Store
-from tests.actors.helpers import T0, make_keyring
+from tests.actors.helpers import T0, make_keyring, open_keeper
 
 A, B = RoundId("e3:a"), RoundId("e3:b")
 
 
 class MiniNode:
-    """The cores of a node, wired over one registry and one store, with an in-order log."""
+    """The cores of a node, wired over one registry and one store, with an in-order log,
+    and the store's epoch keeper (ratcheted on tick, as the node does)."""
 
     def __init__(self, store: Store, ring: Keyring, clock: ManualClock) -> None:
         self.store, self.ring, self.clock = store, ring, clock
         self.registry = ContextRegistry()
         self.router = RouterCore(self.registry)
-        self.ciphers = RoundCipherCore(store, ring, self.registry, lease_timeout=1.0)
+        self.keeper = open_keeper(store, ring, clock=clock, lease_timeout=1.0)
+        self.ciphers = RoundCipherCore(store, self.keeper, self.registry, lease_timeout=1.0)
         self.keyshare = KeyshareCore(self.registry)
         self.reaper = ReaperCore(grace=10.0)
         self.cores: list[Handler] = [self.router, self.ciphers, self.keyshare, self.reaper]
@@ -62,6 +65,11 @@ class MiniNode:
         for event in ticking.tick(now):
             self._append(event, self.reaper.name)
         self._drain()
+        self.keeper.ratchet_if_due(now)
+
+    def stop(self) -> None:
+        self.ciphers.wipe_all()
+        self.keeper.close()
 
     def _append(self, event: Event, source: str) -> None:
         stored = StoredEvent(
@@ -111,7 +119,7 @@ def ring() -> Iterator[Keyring]:
 def node(ring: Keyring, clock: ManualClock) -> Iterator[MiniNode]:
     made = MiniNode(MemoryStore(), ring, clock)
     yield made
-    made.ciphers.wipe_all()
+    made.stop()
 
 
 def test_a_round_from_request_to_purge(node: MiniNode) -> None:
@@ -132,6 +140,11 @@ def test_a_round_from_request_to_purge(node: MiniNode) -> None:
     assert node.store.key_count() == 0
     assert leased.is_wiped
     assert len(node.registry) == 0
+    # the epoch that wrapped A's key is destroyed half a window after the purge
+    assert node.keeper.epoch == EpochNumber(1)
+    node.tick(DEFAULT_EPOCH_WINDOW / 2)
+    assert node.keeper.epoch == EpochNumber(2)
+    assert node.keeper.pending_since is None
     # late and non-late events after completion
     size = len(node.log)
     node.publish(
@@ -156,8 +169,10 @@ def test_the_reaper_ends_a_round_stuck_in_accusation(node: MiniNode) -> None:
     node.tick(10)
     assert node.tags(A)[-3:] == [RoundFailed.TAG, RoundComplete.TAG, RoundPurged.TAG]
     assert node.store.key_count() == 0
+    assert node.keeper.epoch == EpochNumber(1)  # the purge is pending ...
     node.tick(1000)
     assert node.tags(A)[-1] == RoundPurged.TAG  # nothing more
+    assert node.keeper.epoch == EpochNumber(2)  # ... and the next tick ended its epoch
 
 
 def test_restart_replays_hydrates_and_sweeps(ring: Keyring, clock: ManualClock) -> None:
@@ -175,7 +190,7 @@ def test_restart_replays_hydrates_and_sweeps(ring: Keyring, clock: ManualClock) 
     # RoundComplete is in the log, the key is still in the store.
     first.cores.remove(first.ciphers)
     first.publish(RoundComplete(round_id=B))
-    first.ciphers.wipe_all()
+    first.stop()
     assert MemoryStore(backing).key_count() == 2
 
     again = MiniNode(MemoryStore(backing), ring, clock)
@@ -188,10 +203,20 @@ def test_restart_replays_hydrates_and_sweeps(ring: Keyring, clock: ManualClock) 
         again.keyshare.replay(stored)
     live = list(again.router.open_rounds())
     assert live == [A]
-    report = again.ciphers.hydrate(ring, live)
+    report = again.ciphers.hydrate(live)
     assert (report.hydrated, report.orphans, report.missing, report.failed) == ((A,), (B,), (), ())
     assert again.ciphers.purge_orphan(B) is not None
     assert again.store.key_count() == 1
+    # as the node does after its sweep: the epoch that wrapped B's key ends now
+    change = again.keeper.ratchet("start")
+    assert (change.old_epoch, change.new_epoch, change.rewrapped) == (
+        EpochNumber(1),
+        EpochNumber(2),
+        1,
+    )
+    blob = again.store.get_key(A)
+    assert blob is not None
+    assert read_wrapped_header(blob)[0] == EpochNumber(2)
     # the live round carries on: its keyshare still opens under the re-hydrated key
     again.log = list(first.log)
     again.publish(DecryptionShareRequested(round_id=A, request_id=EventId.random()))
@@ -199,7 +224,7 @@ def test_restart_replays_hydrates_and_sweeps(ring: Keyring, clock: ManualClock) 
     context = again.registry.get(A)
     assert context is not None
     assert context.get(ROUND_CIPHER) is again.ciphers.cipher_of(A)
-    again.ciphers.wipe_all()
+    again.stop()
 
 
 def test_the_cores_are_handlers(node: MiniNode) -> None:

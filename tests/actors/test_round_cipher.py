@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +10,24 @@ import msgpack
 import pytest
 from structlog.testing import capture_logs
 
+from enclave_keys.clock import ManualClock
 from enclave_keys.context import ContextRegistry, RoundContext
-from enclave_keys.crypto import Kek, Keyring, RoundCipher, read_wrapped_header, unwrap_round_key
+from enclave_keys.crypto import (
+    WRAPPED_KEY_SIZE,
+    EpochKey,
+    Kek,
+    Keyring,
+    RoundCipher,
+    read_wrapped_header,
+    unwrap_round_key,
+)
+from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper
 from enclave_keys.errors import (
     CorruptRecord,
     RoundCipherRetired,
     SecretWiped,
     StoreError,
+    UnknownEpoch,
     UnwrapFailed,
 )
 from enclave_keys.events import (
@@ -29,7 +40,7 @@ from enclave_keys.events import (
     RoundStage,
 )
 from enclave_keys.handler import Handler
-from enclave_keys.ids import KekVersion, RoundId
+from enclave_keys.ids import EpochNumber, KekVersion, RoundId
 from enclave_keys.round_cipher import (
     ROUND_CIPHER,
     HydrationProblem,
@@ -44,6 +55,7 @@ from tests.actors.helpers import (
     lmdb_opener,
     make_keyring,
     memory_opener,
+    open_keeper,
     stored,
 )
 
@@ -75,13 +87,26 @@ def kek(ring: Keyring) -> Kek:
 
 
 @pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def keeper(store: Store, ring: Keyring, clock: ManualClock) -> Iterator[EpochKeeper]:
+    """The store's epoch keeper, its epoch key wrapped under ``ring``'s KEK."""
+    made = open_keeper(store, ring, clock=clock, lease_timeout=WAIT)
+    yield made
+    made.close()
+
+
+@pytest.fixture
 def registry() -> ContextRegistry:
     return ContextRegistry()
 
 
 @pytest.fixture
-def core(store: Store, ring: Keyring, registry: ContextRegistry) -> Iterator[RoundCipherCore]:
-    made = RoundCipherCore(store, ring, registry, lease_timeout=WAIT)
+def core(store: Store, keeper: EpochKeeper, registry: ContextRegistry) -> Iterator[RoundCipherCore]:
+    made = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
     yield made
     made.wipe_all()
 
@@ -114,13 +139,20 @@ def test_core_is_a_handler_of_opened_and_complete(core: RoundCipherCore) -> None
 
 
 def test_round_opened_creates_stores_and_contexts_the_key(
-    core: RoundCipherCore, store: Store, kek: Kek, registry: ContextRegistry
+    core: RoundCipherCore,
+    store: Store,
+    kek: Kek,
+    keeper: EpochKeeper,
+    registry: ContextRegistry,
 ) -> None:
     ready = key_round(core, registry)
-    assert ready.kek_version == kek.version
+    assert ready.kek_version == kek.version  # the version under which the epoch key is kept
     blob = store.get_key(R)
     assert blob is not None
-    assert read_wrapped_header(blob) == (kek.version, ready.key_id)
+    assert len(blob) == WRAPPED_KEY_SIZE
+    assert read_wrapped_header(blob) == (keeper.epoch, ready.key_id)
+    assert keeper.epoch == EpochNumber(1)
+    assert keeper.pending_since is None  # a creation is no purge: no ratchet is due
     leased = cipher_in(registry)
     assert leased.key_id == ready.key_id
     assert core.held_rounds() == [R]
@@ -128,21 +160,37 @@ def test_round_opened_creates_stores_and_contexts_the_key(
 
 
 def test_stored_key_round_trips_and_survives_a_reopen(
-    core: RoundCipherCore, store: Store, kek: Kek, registry: ContextRegistry, opener: StoreOpener
+    core: RoundCipherCore,
+    store: Store,
+    ring: Keyring,
+    keeper: EpochKeeper,
+    registry: ContextRegistry,
+    opener: StoreOpener,
 ) -> None:
     key_round(core, registry)
+    epoch = keeper.epoch
     with cipher_in(registry).lease() as cipher:
         sealed = cipher.seal("keyshare", b"share bytes")
+    keeper.close()
     store.close()
     with opener() as reopened:
         blob = reopened.get_key(R)
-    assert blob is not None
-    with unwrap_round_key(kek, R, blob) as loaded:
-        assert loaded.open("keyshare", sealed) == b"share bytes"
+        assert blob is not None
+        # the epoch key comes back from the store's slots, under the same KEK
+        again, recovery = EpochKeeper.open(reopened, ring, clock=ManualClock(T0))
+        try:
+            assert (recovery.epoch, recovery.created, recovery.wiped_slots) == (epoch, False, ())
+            with (
+                again.epoch_for(epoch) as epoch_key,
+                unwrap_round_key(epoch_key, R, blob) as loaded,
+            ):
+                assert loaded.open("keyshare", sealed) == b"share bytes"
+        finally:
+            again.close()
 
 
 def test_creation_is_idempotent(
-    core: RoundCipherCore, store: Store, ring: Keyring, registry: ContextRegistry
+    core: RoundCipherCore, store: Store, keeper: EpochKeeper, registry: ContextRegistry
 ) -> None:
     key_round(core, registry)
     leased = cipher_in(registry)
@@ -151,7 +199,7 @@ def test_creation_is_idempotent(
     assert cipher_in(registry) is leased
     assert store.get_key(R) == blob
     # a second core over the same store (a stored key, not held) creates nothing either
-    other = RoundCipherCore(store, ring, registry)
+    other = RoundCipherCore(store, keeper, registry)
     assert other.handle(stored(opened())) == ()
     assert store.key_count() == 1
 
@@ -190,11 +238,13 @@ def test_round_ending_during_creation_leaves_nothing(
     ring: Keyring, registry: ContextRegistry
 ) -> None:
     store = ClosingStore(registry)
-    core = RoundCipherCore(store, ring, registry)
+    keeper = open_keeper(store, ring)
+    core = RoundCipherCore(store, keeper, registry)
     registry.open(R)
     assert core.handle(stored(opened())) == ()
     assert store.key_count() == 0
     assert core.held_rounds() == []
+    keeper.close()
 
 
 class FailingStore(MemoryStore):
@@ -212,17 +262,14 @@ class BrokenRegistry(ContextRegistry):
         return BrokenContext(round_id)
 
 
-def _sealed_keyring() -> Keyring:
-    sealed = make_keyring()
-    sealed.seal()
-    return sealed
-
-
-@pytest.mark.parametrize("failure", ["store", "kek", "context"])
+@pytest.mark.parametrize("failure", ["store", "epoch", "context"])
 def test_creation_failure_fails_the_round_and_leaves_nothing(ring: Keyring, failure: str) -> None:
     store: Store = FailingStore() if failure == "store" else MemoryStore()
     registry = BrokenRegistry() if failure == "context" else ContextRegistry()
-    core = RoundCipherCore(store, _sealed_keyring() if failure == "kek" else ring, registry)
+    keeper = open_keeper(store, ring)
+    if failure == "epoch":
+        keeper.close()  # no epoch key to wrap under (a sealed node)
+    core = RoundCipherCore(store, keeper, registry)
     registry.open(R)
     with capture_logs() as logs:
         result = core.handle(stored(opened()))
@@ -237,20 +284,30 @@ def test_creation_failure_fails_the_round_and_leaves_nothing(ring: Keyring, fail
     assert store.key_count() == 0  # in the context case the key was stored, then deleted
     assert core.held_rounds() == []
     assert any(e["event"] == "round_key_creation_failed" for e in logs)
+    keeper.close()
 
 
 # --- purge ------------------------------------------------------------------------------
 
 
 def test_complete_purges_the_key_everywhere(
-    core: RoundCipherCore, store: Store, registry: ContextRegistry
+    core: RoundCipherCore,
+    store: Store,
+    keeper: EpochKeeper,
+    clock: ManualClock,
+    registry: ContextRegistry,
 ) -> None:
     ready = key_round(core, registry)
     leased = cipher_in(registry)
+    clock.advance(3.0)
     assert core.handle(stored(RoundComplete(round_id=R))) == (
         RoundPurged(round_id=R, key_id=ready.key_id),
     )
     assert store.get_key(R) is None
+    # the epoch source heard of the deletion: its epoch must end within the window
+    assert keeper.pending_since == clock.now()
+    assert not keeper.due(clock.now())
+    assert keeper.due(clock.now() + DEFAULT_EPOCH_WINDOW / 2)
     assert leased.is_wiped
     assert leased.retired
     context = registry.get(R)
@@ -263,26 +320,31 @@ def test_complete_purges_the_key_everywhere(
 
 
 def test_complete_purges_a_key_that_is_only_stored(
-    core: RoundCipherCore, store: Store, ring: Keyring, registry: ContextRegistry
+    core: RoundCipherCore, store: Store, keeper: EpochKeeper, registry: ContextRegistry
 ) -> None:
     ready = key_round(core, registry)
-    fresh = RoundCipherCore(store, ring, ContextRegistry())  # e.g. hydration failed
+    fresh = RoundCipherCore(store, keeper, ContextRegistry())  # e.g. hydration failed
     assert fresh.handle(stored(RoundComplete(round_id=R))) == (
         RoundPurged(round_id=R, key_id=ready.key_id),
     )
     assert store.get_key(R) is None
+    assert keeper.pending_since is not None
 
 
-def test_complete_without_a_key_publishes_nothing(core: RoundCipherCore) -> None:
+def test_complete_without_a_key_publishes_nothing(
+    core: RoundCipherCore, keeper: EpochKeeper
+) -> None:
     assert core.handle(stored(RoundComplete(round_id=R))) == ()
+    assert keeper.pending_since is None  # nothing was deleted: no ratchet needed
 
 
 def test_a_stored_blob_with_an_unreadable_header_is_still_deleted(
-    core: RoundCipherCore, store: Store
+    core: RoundCipherCore, store: Store, keeper: EpochKeeper
 ) -> None:
-    store.put_key(R, b"\xff" * 81)
+    store.put_key(R, b"\xff" * WRAPPED_KEY_SIZE)
     assert core.purge_orphan(R) is None
     assert store.get_key(R) is None
+    assert keeper.pending_since is not None  # its bytes may linger: the epoch still ends
 
 
 def test_purge_orphan_returns_the_event_for_the_node(
@@ -309,101 +371,161 @@ def test_wipe_all_wipes_held_keys_but_keeps_them_stored(
 # --- hydration --------------------------------------------------------------------------
 
 
-def test_wrong_kek_cannot_unwrap(
-    core: RoundCipherCore, store: Store, registry: ContextRegistry
+class FixedEpoch:
+    """An epoch source lending one given epoch key (and nothing else): e.g. another node's
+    epoch key that happens to carry the same number."""
+
+    def __init__(self, epoch: EpochKey) -> None:
+        self.epoch = epoch
+
+    @property
+    def kek_version(self) -> KekVersion:
+        return KekVersion(1)
+
+    @contextmanager
+    def active_epoch(self) -> Iterator[EpochKey]:
+        yield self.epoch
+
+    @contextmanager
+    def epoch_for(self, number: EpochNumber) -> Iterator[EpochKey]:
+        if number != self.epoch.number:
+            raise UnknownEpoch(f"no epoch {number}")
+        yield self.epoch
+
+    @contextmanager
+    def hold_ratchet(self) -> Iterator[None]:
+        yield
+
+    def purged(self) -> None:
+        pass
+
+
+def test_another_epoch_key_cannot_unwrap(
+    core: RoundCipherCore, store: Store, keeper: EpochKeeper, registry: ContextRegistry
 ) -> None:
     key_round(core, registry)
     blob = store.get_key(R)
     assert blob is not None
-    with make_keyring() as wrong:
-        assert wrong.active_version == KekVersion(1)
+    with EpochKey.generate(keeper.epoch) as wrong:  # same number, other key
         with pytest.raises(UnwrapFailed):
-            unwrap_round_key(wrong.active, R, blob)
+            unwrap_round_key(wrong, R, blob)
         fresh_registry = ContextRegistry()
-        fresh = RoundCipherCore(store, wrong, fresh_registry)
-        report = fresh.hydrate(wrong, [R])
+        fresh = RoundCipherCore(store, FixedEpoch(wrong), fresh_registry)
+        report = fresh.hydrate([R])
     assert report.hydrated == ()
-    assert [(f.round_id, f.problem) for f in report.failed] == [(R, HydrationProblem.UNWRAP_FAILED)]
+    assert [(f.round_id, f.problem, f.epoch) for f in report.failed] == [
+        (R, HydrationProblem.UNWRAP_FAILED, keeper.epoch)
+    ]
     assert fresh.held_rounds() == []
     context = fresh_registry.get(R)
     assert context is None or context.get(ROUND_CIPHER) is None
 
 
-class RecordingSource:
-    """A keyring as the KEK source, remembering which versions were asked for."""
+class RecordingEpochs:
+    """An epoch keeper as the epoch source, remembering which epochs were asked for."""
 
-    def __init__(self, ring: Keyring) -> None:
-        self.ring = ring
-        self.versions: list[KekVersion] = []
+    def __init__(self, keeper: EpochKeeper) -> None:
+        self.keeper = keeper
+        self.numbers: list[EpochNumber] = []
 
-    def active_kek(self) -> AbstractContextManager[Kek]:
-        return self.ring.active_kek()
+    @property
+    def kek_version(self) -> KekVersion:
+        return self.keeper.kek_version
 
-    def kek_for(self, version: KekVersion) -> AbstractContextManager[Kek]:
-        self.versions.append(version)
-        return self.ring.kek_for(version)
+    def active_epoch(self) -> AbstractContextManager[EpochKey]:
+        return self.keeper.active_epoch()
 
-    def hold_rotation(self) -> AbstractContextManager[None]:
-        return self.ring.hold_rotation()
+    def epoch_for(self, number: EpochNumber) -> AbstractContextManager[EpochKey]:
+        self.numbers.append(number)
+        return self.keeper.epoch_for(number)
+
+    def hold_ratchet(self) -> AbstractContextManager[None]:
+        return self.keeper.hold_ratchet()
+
+    def purged(self) -> None:
+        self.keeper.purged()
 
 
-def test_hydrate_restores_the_same_key_after_a_restart(
+def test_hydrate_restores_the_same_key_after_a_ratchet_and_a_restart(
     core: RoundCipherCore,
     store: Store,
     ring: Keyring,
-    kek: Kek,
+    keeper: EpochKeeper,
     registry: ContextRegistry,
     opener: StoreOpener,
 ) -> None:
     ready = key_round(core, registry)
     with cipher_in(registry).lease() as cipher:
         sealed = cipher.seal("keyshare", b"sealed before the restart")
+    before = store.get_key(R)
+    change = keeper.ratchet("test")
+    assert (change.old_epoch, change.new_epoch, change.rewrapped) == (
+        EpochNumber(1),
+        EpochNumber(2),
+        1,
+    )
+    after = store.get_key(R)
+    assert before is not None
+    assert after is not None
+    assert after != before  # rewrapped: new bytes, same round key
+    assert read_wrapped_header(after) == (EpochNumber(2), ready.key_id)
     core.wipe_all()
+    keeper.close()
     store.close()
     with opener() as reopened:
+        restarted_keeper = open_keeper(reopened, ring)
+        assert restarted_keeper.epoch == EpochNumber(2)
         new_registry = ContextRegistry()
-        restarted = RoundCipherCore(reopened, ring, new_registry)
-        source = RecordingSource(ring)
-        report = restarted.hydrate(source, [R])
+        source = RecordingEpochs(restarted_keeper)
+        restarted = RoundCipherCore(reopened, source, new_registry)
+        report = restarted.hydrate([R])
         assert report.hydrated == (R,)
         assert report.ok
-        assert source.versions == [kek.version]
+        assert source.numbers == [EpochNumber(2)]
         leased = cipher_in(new_registry)
         assert leased.key_id == ready.key_id
         with leased.lease() as cipher:
             assert cipher.open("keyshare", sealed) == b"sealed before the restart"
-        assert restarted.hydrate(source, [R]).hydrated == (R,)  # idempotent
+        assert restarted.hydrate([R]).hydrated == (R,)  # idempotent
         assert cipher_in(new_registry) is leased
+        # the blob of the destroyed epoch 1, had it lingered, names an epoch that is gone
+        reopened.put_key(R, before)
+        fresh = RoundCipherCore(reopened, restarted_keeper, ContextRegistry())
+        assert [(f.problem, f.epoch) for f in fresh.hydrate([R]).failed] == [
+            (HydrationProblem.EPOCH_UNAVAILABLE, EpochNumber(1))
+        ]
         restarted.wipe_all()
+        restarted_keeper.close()
 
 
 def test_hydrate_reports_orphans_missing_and_bad_blobs(
-    core: RoundCipherCore, store: Store, ring: Keyring, registry: ContextRegistry
+    core: RoundCipherCore, store: Store, keeper: EpochKeeper, registry: ContextRegistry
 ) -> None:
     good, orphan, missing = RoundId("good"), RoundId("orphan"), RoundId("missing")
-    malformed, tampered, unknown_kek = RoundId("malformed"), RoundId("tampered"), RoundId("v2")
-    for rid in (good, orphan, tampered, unknown_kek):
+    malformed, tampered, stale = RoundId("malformed"), RoundId("tampered"), RoundId("stale")
+    for rid in (good, orphan, tampered, stale):
         key_round(core, registry, rid)
     core.wipe_all()
-    store.put_key(malformed, b"\x07" * 81)
+    stale_blob = store.get_key(stale)
+    assert stale_blob is not None
+    keeper.ratchet("test")  # epoch 1 destroyed; every stored key now under epoch 2
+    store.put_key(stale, stale_blob)  # a blob from before the ratchet, written back
+    store.put_key(malformed, b"\x07" * WRAPPED_KEY_SIZE)
     blob = store.get_key(tampered)
     assert blob is not None
     store.put_key(tampered, blob[:-1] + bytes([blob[-1] ^ 1]))
-    other = store.get_key(unknown_kek)
-    assert other is not None
-    store.put_key(unknown_kek, other[:1] + (2).to_bytes(4, "big") + other[5:])
 
     fresh_registry = ContextRegistry()
-    fresh = RoundCipherCore(store, ring, fresh_registry)  # the keyring has no KEK v2
-    live = [good, missing, malformed, tampered, unknown_kek]
-    report = fresh.hydrate(ring, live)
+    fresh = RoundCipherCore(store, keeper, fresh_registry)
+    live = [good, missing, malformed, tampered, stale]
+    report = fresh.hydrate(live)
     assert report.hydrated == (good,)
     assert report.orphans == (orphan,)
     assert report.missing == (missing,)
-    assert {f.round_id: f.problem for f in report.failed} == {
-        malformed: HydrationProblem.MALFORMED_BLOB,
-        tampered: HydrationProblem.UNWRAP_FAILED,
-        unknown_kek: HydrationProblem.KEK_UNAVAILABLE,
+    assert {f.round_id: (f.problem, f.epoch) for f in report.failed} == {
+        malformed: (HydrationProblem.MALFORMED_BLOB, None),
+        tampered: (HydrationProblem.UNWRAP_FAILED, EpochNumber(2)),
+        stale: (HydrationProblem.EPOCH_UNAVAILABLE, EpochNumber(1)),
     }
     assert not report.ok
     for _, raw in store.list_keys():  # ids only, never bytes
@@ -490,17 +612,25 @@ def test_no_key_material_in_logs_events_or_snapshots(
     store: Store, ring: Keyring, registry: ContextRegistry
 ) -> None:
     entropy = RecordingEntropy()
-    core = RoundCipherCore(store, ring, registry, entropy=entropy)
+    epoch_entropy = RecordingEntropy(seed=8)
     with capture_logs() as logs:
+        keeper = open_keeper(store, ring, entropy=epoch_entropy)
+        core = RoundCipherCore(store, keeper, registry, entropy=entropy)
         registry.open(R)
         events = list(core.handle(stored(opened())))
         snapshot = core.snapshot_state()
         events += core.handle(stored(RoundComplete(round_id=R)))
+        keeper.ratchet("test")
+        text = repr(keeper) + repr(core)
+        keeper.close()
     (key,) = entropy.secrets_of_size(32)
-    text = repr(logs) + repr(events) + repr(snapshot) + repr(core)
-    assert key.hex() not in text
-    assert repr(key) not in text
-    assert key not in msgpack.packb(snapshot)
+    epoch_keys = epoch_entropy.secrets_of_size(32)
+    assert len(epoch_keys) == 2  # epoch 1 and its successor
+    text += repr(logs) + repr(events) + repr(snapshot)
+    for secret in (key, *epoch_keys):
+        assert secret.hex() not in text
+        assert repr(secret) not in text
+        assert secret not in msgpack.packb(snapshot)
 
 
 # --- snapshots ----------------------------------------------------------------------------
@@ -518,7 +648,9 @@ def test_snapshot_lists_held_rounds_and_restore_checks_its_form(
             core.restore_state(bad)
 
 
-def test_lease_timeout_is_validated(store: Store, ring: Keyring, registry: ContextRegistry) -> None:
+def test_lease_timeout_is_validated(
+    store: Store, keeper: EpochKeeper, registry: ContextRegistry
+) -> None:
     for bad in (-1.0, float("inf"), float("nan"), True, "5"):
         with pytest.raises(ValueError, match="lease_timeout"):
-            RoundCipherCore(store, ring, registry, lease_timeout=bad)  # type: ignore[arg-type]
+            RoundCipherCore(store, keeper, registry, lease_timeout=bad)  # type: ignore[arg-type]

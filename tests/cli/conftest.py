@@ -28,10 +28,12 @@ from typing import IO, Any
 import pytest
 
 from enclave_keys.cli import main
+from enclave_keys.crypto import read_wrapped_header
 from enclave_keys.events import RoundRequested
-from enclave_keys.ids import RoundId
+from enclave_keys.ids import EpochNumber, KeyId, RoundId
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore
+from enclave_keys.store.slots import SLOT_FILE_NAME
 from enclave_keys.unseal import UnsealSource
 from tests.unseal.test_hsm import PIN, TOKEN, SoftHsm, softhsm
 
@@ -146,11 +148,25 @@ def shares_of(result: Result) -> list[str]:
 
 @dataclass(frozen=True)
 class StoreView:
-    """What a data directory holds, read directly from the store."""
+    """What a data directory holds, read directly from the store and the epoch slot file
+    (``slots``: its raw bytes, ``None`` before a node first started there)."""
 
     meta: dict[str, bytes | None]
     keys: dict[RoundId, bytes]
     last_sequence: int
+    slots: bytes | None
+
+    @property
+    def key_ids(self) -> dict[RoundId, KeyId]:
+        """The key id each stored blob names. The blob bytes change with every epoch
+        change (each node start ratchets the storage epoch); the round keys inside, and
+        so these ids, do not."""
+        return {r: read_wrapped_header(blob)[1] for r, blob in self.keys.items()}
+
+    @property
+    def epochs(self) -> set[EpochNumber]:
+        """The storage epochs the stored blobs name."""
+        return {read_wrapped_header(blob)[0] for blob in self.keys.values()}
 
 
 META_RECORDS = (
@@ -164,11 +180,13 @@ META_RECORDS = (
 
 
 def read_store(data_dir: Path) -> StoreView:
+    slot_file = data_dir / SLOT_FILE_NAME  # read as a file: the store would create it
     with LmdbStore.open(data_dir, create=False) as store:
         return StoreView(
             meta={name: store.get_meta(name) for name in META_RECORDS},
             keys=dict(store.list_keys()),
             last_sequence=store.last_sequence(),
+            slots=slot_file.read_bytes() if slot_file.exists() else None,
         )
 
 

@@ -15,9 +15,11 @@ import pytest
 
 from enclave_keys.cli import PKCS11_MODULE_ENV, main
 from enclave_keys.errors import UnsealMismatch
-from enclave_keys.node import Node
+from enclave_keys.ids import RoundId
+from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore
-from enclave_keys.unseal import EnvKeyUnseal, PassphraseUnseal
+from enclave_keys.store.slots import SLOT_FILE_NAME
+from enclave_keys.unseal import EnvKeyUnseal, PassphraseUnseal, UnsealSource
 from enclave_keys.unseal.env import DEFAULT_ENV_VARIABLE
 from tests.cli.conftest import (
     NEW_PASSPHRASE,
@@ -31,6 +33,7 @@ from tests.cli.conftest import (
     read_store,
     shares_of,
 )
+from tests.node.conftest import keyshare_ciphertexts, log_of, open_keyshare
 from tests.unseal.helpers import windows
 
 ENV_KEY = bytes(range(32)).hex()
@@ -54,6 +57,34 @@ def unseal_line(method: str, kek: int, live: int) -> str:
     )
 
 
+def current_epoch(status: dict[str, object], count: int, kek: int) -> int:
+    """The one storage epoch of a stopped node's directory: every one of the ``count``
+    stored round keys is under it, and the slot file holds it (alone) under KEK ``kek``."""
+    by_epoch = status["round_keys_by_epoch"]
+    assert isinstance(by_epoch, dict)
+    assert list(by_epoch.values()) == [count], by_epoch
+    (name,) = by_epoch
+    slots = status["epoch_slots"]
+    assert isinstance(slots, list)
+    assert len(slots) == 1, slots
+    match = re.fullmatch(rf"slot [01]: {name} \(sequence \d+, KEK v{kek}\)", slots[0])
+    assert match is not None, slots
+    return int(name.removeprefix("e"))
+
+
+def check_keyshares_open(data_dir: Path, source: UnsealSource, rounds: list[RoundId]) -> None:
+    """A node opened with ``source`` loads every round's key back, and each opens the
+    keyshare sealed under it when the round was made: the very same round keys."""
+    node = Node.open(data_dir, source, config=NodeConfig(runtime="deterministic"))
+    try:
+        assert node.recovery.failed == ()
+        keyshares = keyshare_ciphertexts(log_of(node.store))
+        for r in rounds:
+            assert len(open_keyshare(node, r, keyshares[r])) == 32
+    finally:
+        node.stop()
+
+
 def error_class(result: Result, command: str) -> str:
     """The error class named by the CLI's one-line error on stderr."""
     match = re.search(rf"^enclave-keys {command}: (\w+): ", result.err, re.MULTILINE)
@@ -74,7 +105,8 @@ def test_init_passphrase_then_status(cli: Cli, data_dir: Path) -> None:
         "method": "passphrase",
         "events": 0,
         "live_round_keys": 0,
-        "round_keys_by_kek": {},
+        "round_keys_by_epoch": {},
+        "epoch_slots": [],  # no node has started here yet: no storage epoch
         "snapshot_sequence": None,
         "running_pid": None,
     }
@@ -82,6 +114,16 @@ def test_init_passphrase_then_status(cli: Cli, data_dir: Path) -> None:
     assert text.code == 0
     assert re.search(r"^method +passphrase$", text.out, re.MULTILINE)
     assert re.search(r"^initialised +True$", text.out, re.MULTILINE)
+
+
+def test_status_of_a_directory_no_node_started_in_writes_no_slot_file(
+    cli: Cli, passphrase_dir: Path
+) -> None:
+    """A read-only look creates no slot file (run as another user, it would leave one the
+    node cannot open)."""
+    assert not (passphrase_dir / SLOT_FILE_NAME).exists()
+    assert cli.status(passphrase_dir)["epoch_slots"] == []
+    assert not (passphrase_dir / SLOT_FILE_NAME).exists(), "status must write nothing"
 
 
 def test_status_of_a_missing_directory_is_an_error(cli: Cli, tmp_path: Path) -> None:
@@ -443,7 +485,7 @@ def test_rotate_kek_rewraps_every_round_key(cli: Cli, passphrase_dir: Path) -> N
     rounds = make_rounds(passphrase_dir, PassphraseUnseal(PASSPHRASE), 4)
     status = cli.status(passphrase_dir)
     assert status["live_round_keys"] == 4
-    assert status["round_keys_by_kek"] == {"v1": 4}
+    first = current_epoch(status, 4, kek=1)
     before = read_store(passphrase_dir)
 
     refused = cli("rotate-kek", "--data-dir", passphrase_dir, secrets=["wrong"])
@@ -455,25 +497,30 @@ def test_rotate_kek_rewraps_every_round_key(cli: Cli, passphrase_dir: Path) -> N
     assert result.code == 0, result.err
     assert result.lines == ["KEK rotated: v1 -> v2, 4 round keys rewrapped"]
     status = cli.status(passphrase_dir)
-    assert status["round_keys_by_kek"] == {"v2": 4}
+    second = current_epoch(status, 4, kek=2)  # a new epoch key, kept under the new KEK
+    assert second > first
     assert status["live_round_keys"] == 4
     assert status["events"] > before.last_sequence
     after = read_store(passphrase_dir)
     assert set(after.keys) == set(before.keys) == set(rounds)
     assert all(after.keys[r] != before.keys[r] for r in rounds), "every blob is rewrapped"
+    assert after.key_ids == before.key_ids, "... and holds the same round key"
+    assert after.slots != before.slots
 
     unsealed = cli("unseal", "--data-dir", passphrase_dir, secrets=[PASSPHRASE])
     assert unsealed.lines == [unseal_line("passphrase", 2, 4)]
+    third = current_epoch(cli.status(passphrase_dir), 4, kek=2)  # a start ratchets too
     again = cli("rotate-kek", "--data-dir", passphrase_dir, secrets=[PASSPHRASE])
     assert again.lines == ["KEK rotated: v2 -> v3, 4 round keys rewrapped"]
-    assert cli.status(passphrase_dir)["round_keys_by_kek"] == {"v3": 4}
+    assert current_epoch(cli.status(passphrase_dir), 4, kek=3) > third
+    assert read_store(passphrase_dir).key_ids == before.key_ids
 
 
 # --- rekey --------------------------------------------------------------------------------
 
 
 def test_rekey_to_a_new_passphrase(cli: Cli, passphrase_dir: Path) -> None:
-    make_rounds(passphrase_dir, PassphraseUnseal(PASSPHRASE), 3)
+    rounds = make_rounds(passphrase_dir, PassphraseUnseal(PASSPHRASE), 3)
     before = read_store(passphrase_dir)
     result = cli(
         "rekey",
@@ -486,7 +533,9 @@ def test_rekey_to_a_new_passphrase(cli: Cli, passphrase_dir: Path) -> None:
     assert result.code == 0, result.err
     assert result.lines == ["root key replaced: now method passphrase; round keys untouched"]
     after = read_store(passphrase_dir)
-    assert after.keys == before.keys, "round keys must be byte-identical"
+    # The same round keys (the node the command started ratcheted the storage epoch, so
+    # the blob bytes differ; the rekey itself touches no blob: tests/node/test_master_keys)
+    assert after.key_ids == before.key_ids, "the rekey must keep the round keys"
     assert after.meta["unseal.passphrase.kdf"] != before.meta["unseal.passphrase.kdf"]
     assert after.meta["master.keyring"] != before.meta["master.keyring"]
 
@@ -496,7 +545,8 @@ def test_rekey_to_a_new_passphrase(cli: Cli, passphrase_dir: Path) -> None:
     new = cli("unseal", "--data-dir", passphrase_dir, secrets=[NEW_PASSPHRASE])
     assert new.code == 0, new.err
     assert new.lines == [unseal_line("passphrase", 1, 3)]
-    assert read_store(passphrase_dir).keys == before.keys
+    assert read_store(passphrase_dir).key_ids == before.key_ids
+    check_keyshares_open(passphrase_dir, PassphraseUnseal(NEW_PASSPHRASE), rounds)
 
 
 def test_rekey_from_a_passphrase_to_shares(cli: Cli, passphrase_dir: Path) -> None:
@@ -517,7 +567,7 @@ def test_rekey_from_a_passphrase_to_shares(cli: Cli, passphrase_dir: Path) -> No
     shares = shares_of(result)
     assert len(shares) == 3
     after = read_store(passphrase_dir)
-    assert after.keys == before.keys
+    assert after.key_ids == before.key_ids
     assert after.meta["master.method"] == b"shamir"
     assert after.meta["unseal.passphrase.kdf"] is None, "the old method's record is dropped"
     assert cli.status(passphrase_dir)["method"] == "shamir"
@@ -542,7 +592,7 @@ def test_rekey_from_a_passphrase_into_the_hsm(
     )
     assert result.code == 0, result.err
     assert result.lines == ["root key replaced: now method pkcs11; round keys untouched"]
-    assert read_store(passphrase_dir).keys == before.keys
+    assert read_store(passphrase_dir).key_ids == before.key_ids
     unsealed = cli("unseal", *hsm, "--data-dir", passphrase_dir, secrets=[PIN])
     assert unsealed.lines == [unseal_line("pkcs11", 1, 2)]
     assert all(PIN not in r.everything() for r in cli.history)
@@ -555,7 +605,7 @@ def test_migration_off_the_environment_key(
     init = cli("init", "env", "--data-dir", data_dir)
     assert init.code == 0, init.err
     assert init.lines == [f"initialised {data_dir}: method env, KEK v1 active"]
-    make_rounds(data_dir, EnvKeyUnseal(), 2)
+    rounds = make_rounds(data_dir, EnvKeyUnseal(), 2)
     unsealed = cli("unseal", "--data-dir", data_dir)  # no secret: the environment has it
     assert unsealed.lines == [unseal_line("env", 1, 2)]
     before = read_store(data_dir)
@@ -566,7 +616,7 @@ def test_migration_off_the_environment_key(
     status = cli.status(data_dir)
     assert status["method"] == "passphrase"
     after = read_store(data_dir)
-    assert after.keys == before.keys
+    assert after.key_ids == before.key_ids
     assert after.meta["unseal.env.verifier"] is None
 
     # The key is still in the environment, and is refused.
@@ -577,6 +627,7 @@ def test_migration_off_the_environment_key(
     assert error_class(no_secret, "unseal") == "EOFError"
     new = cli("unseal", "--data-dir", data_dir, secrets=[NEW_PASSPHRASE])
     assert new.lines == [unseal_line("passphrase", 1, 2)]
+    check_keyshares_open(data_dir, PassphraseUnseal(NEW_PASSPHRASE), rounds)
     assert all(ENV_KEY not in r.everything().lower() for r in cli.history)
 
 

@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 from enclave_keys.crypto import (
     KEYRING_BLOB_VERSION,
     KEYRING_ENTRY_SIZE,
+    EpochKey,
     Kek,
     KekSource,
     KekState,
@@ -21,7 +22,9 @@ from enclave_keys.crypto import (
     LeaseGate,
     RoundCipher,
     SecretBytes,
+    unwrap_epoch_key,
     unwrap_round_key,
+    wrap_epoch_key,
     wrap_round_key,
 )
 from enclave_keys.crypto import ring as ring_module
@@ -36,7 +39,7 @@ from enclave_keys.errors import (
     UnknownKekVersion,
     UnwrapFailed,
 )
-from enclave_keys.ids import KekVersion, RoundId
+from enclave_keys.ids import EpochNumber, KekVersion, RoundId
 
 WAIT = 10.0  # bound on every wait for another thread
 R = RoundId("e3:ring")
@@ -94,15 +97,20 @@ def three_versions(entropy: Callable[[int], bytes] | None = None) -> Keyring:
         return third.with_retired([V1])
 
 
+E1 = EpochNumber(1)
+
+
 def wrapped(kek: Kek, round_id: RoundId = R) -> tuple[bytes, bytes]:
-    """A blob wrapped under ``kek`` and an envelope sealed by the round key inside it."""
-    with RoundCipher.generate(round_id) as cipher:
-        return wrap_round_key(kek, cipher), cipher.seal("probe", b"probe " + round_id.to_bytes())
+    """What a KEK guards: an epoch key wrapped under ``kek``, and a probe — a round key
+    wrapped under that epoch key — that only the right epoch key unwraps."""
+    with EpochKey.generate(E1) as epoch, RoundCipher.generate(round_id) as cipher:
+        return wrap_epoch_key(kek, epoch), wrap_round_key(epoch, cipher)
 
 
-def opens(kek: Kek, blob: bytes, envelope: bytes, round_id: RoundId = R) -> bool:
-    with unwrap_round_key(kek, round_id, blob) as cipher:
-        return cipher.open("probe", envelope) == b"probe " + round_id.to_bytes()
+def opens(kek: Kek, blob: bytes, probe: bytes, round_id: RoundId = R) -> bool:
+    """``kek`` unwraps ``blob`` to the epoch key that wrapped ``probe``."""
+    with unwrap_epoch_key(kek, blob) as epoch, unwrap_round_key(epoch, round_id, probe) as key:
+        return key.round_id == round_id
 
 
 # --- states and evolution -------------------------------------------------------------------
@@ -121,10 +129,11 @@ def test_create_has_one_active_version(ring: Keyring) -> None:
 
 
 def test_create_with_entropy_is_deterministic() -> None:
-    with Keyring.create(scripted(K1, NONCE)) as ring, RoundCipher.generate(R) as cipher:
-        blob = wrap_round_key(ring.active, cipher)
+    with Keyring.create(scripted(K1, NONCE)) as ring:
+        blob, probe = wrapped(ring.active)
+        assert blob[13:25] == NONCE
         with Kek(V1, SecretBytes.from_bytes(K1)) as same:
-            assert unwrap_round_key(same, R, blob).key_id == cipher.key_id
+            assert opens(same, blob, probe)
 
 
 def test_rotated_is_a_new_keyring_and_leaves_this_one_alone(ring: Keyring) -> None:
@@ -287,7 +296,7 @@ def test_truncated_extended_or_foreign_blobs_fail(ring: Keyring, root: SecretByt
             Keyring.open(root, bad)
     with pytest.raises(UnwrapFailed):
         Keyring.open(root, bytearray(blob))  # type: ignore[arg-type]
-    # a round-key blob or envelope under the same bytes is no keyring (domain separation)
+    # an epoch-key blob under the same bytes is no keyring (domain separation)
     with Kek(V1, SecretBytes.from_bytes(ROOT)) as same_bytes:
         foreign, _ = wrapped(same_bytes)
     with pytest.raises(UnwrapFailed):
@@ -461,8 +470,8 @@ def test_seal_times_out_without_wiping_unless_forced(ring: Keyring) -> None:
         with capture_logs() as logs:
             ring.seal(0.0, force=True)
         assert kek.is_wiped
-        with RoundCipher.generate(R) as cipher, pytest.raises(SecretWiped):
-            wrap_round_key(kek, cipher)  # an operation under the lease fails, never leaks
+        with EpochKey.generate(E1) as epoch, pytest.raises(SecretWiped):
+            wrap_epoch_key(kek, epoch)  # an operation under the lease fails, never leaks
     assert [e["event"] for e in logs] == ["keyring_sealed_under_open_leases"]
 
 

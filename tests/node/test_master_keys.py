@@ -5,7 +5,9 @@
 * :meth:`Node.seal` wipes every key and :meth:`Node.start` brings every live round back;
 * :meth:`Node.rotate_kek` while another thread keeps creating and completing rounds;
 * :meth:`Node.rekey_root`: a new passphrase, a migration off the environment key, a move
-  from a passphrase to a share set — round key blobs never change;
+  from a passphrase to a share set — the rekey never touches a round key blob or the epoch
+  slots (restarts do: each start ratchets the storage epoch, which rewraps every live
+  round key, so across restarts the tests compare key ids and open the keyshares);
 * HSM auto-unseal over SoftHSM2 (same skip-or-require rule as ``tests/unseal/test_hsm``);
 * SIGTERM to a child process running a node with :meth:`Node.install_signal_handlers`;
 * an audit: a run of all of the above, with every log line and every event of every log
@@ -58,10 +60,11 @@ from enclave_keys.events import (
     RoundKeyReady,
     UnsealProgress,
 )
-from enclave_keys.ids import KekVersion, RoundId
+from enclave_keys.ids import KekVersion, KeyId, RoundId
 from enclave_keys.master import KEYRING_RECORD, METHOD_RECORD, KekRotation, MasterKeys
 from enclave_keys.node import Node, NodeConfig
-from enclave_keys.store import LmdbStore
+from enclave_keys.store import LmdbStore, Store
+from enclave_keys.store.slots import SLOT_COUNT
 from enclave_keys.unseal import (
     CeremonyProgress,
     EnvKeyUnseal,
@@ -116,12 +119,15 @@ class Secrets:
     dirs: list[Path] = field(default_factory=list)
 
     def remember(self, node: Node, label: str) -> None:
-        """The node's root key, active KEK and every live round key it holds."""
+        """The node's root key, active KEK, current storage epoch key and every live round
+        key it holds."""
         master = node.master
         with master._root.borrow() as view:
             self.keys[f"{label}/root"] = bytes(view)
         with master.active_kek() as kek, kek._borrow_key() as view:
             self.keys[f"{label}/kek/{kek.version}"] = bytes(view)
+        with node.epochs.active_epoch() as epoch, epoch._borrow_key() as view:
+            self.keys[f"{label}/epoch/{epoch.number}"] = bytes(view)
         for round_id in node.registry.round_ids():
             leased = leased_cipher(node, round_id)
             if leased is not None and not leased.is_wiped:
@@ -235,13 +241,15 @@ def make_rounds(node: Node, prefix: str, live: int = 4, ended: int = 2) -> Round
 
 
 def check_live(node: Node, rounds: Rounds, *, hydrated: bool = True) -> None:
-    """Every live round is back with its key (its keyshare opens); no ended round is."""
+    """Every live round is back with its key (its keyshare opens), stored under the
+    current epoch; no ended round is."""
     assert not node.sealed
     if hydrated:
         assert node.recovery.hydrated == tuple(sorted(rounds.live))
         assert node.recovery.failed == ()
         assert node.recovery.purged == ()
     assert sorted(node.router.open_rounds()) == sorted(rounds.live)
+    check_epoch(node)
     for r in rounds.live:
         assert len(open_keyshare(node, r, rounds.keyshares[r])) == 32
     for r in rounds.ended:
@@ -252,6 +260,32 @@ def check_live(node: Node, rounds: Rounds, *, hydrated: bool = True) -> None:
 
 def blobs_of(node: Node) -> dict[RoundId, bytes]:
     return dict(node.store.list_keys())
+
+
+def key_ids_of(node: Node) -> dict[RoundId, KeyId]:
+    """Each stored round key's key id, read from its blob's header.
+
+    A blob's bytes change with every epoch change (each start, a seal or stop with purges
+    pending, a rotation, the window after a purge); the key inside does not: compare these
+    ids, and open the keyshares (:func:`check_live`), across such steps.
+    """
+    return {r: read_wrapped_header(blob)[1] for r, blob in node.store.list_keys()}
+
+
+def check_epoch(node: Node) -> None:
+    """Every stored round key is under the node's current storage epoch, whose key is kept
+    under the active KEK. Read under an epoch lease: no ratchet (the Pykka node's timer
+    thread) runs in between."""
+    with node.epochs.active_epoch() as epoch:
+        assert node.epochs.kek_version == node.master.active_version
+        for r, blob in node.store.list_keys():
+            assert read_wrapped_header(blob)[0] == epoch.number, f"{r} is not under {epoch}"
+
+
+def slot_bytes(store: Store) -> list[bytes]:
+    """The raw epoch slots (the wrapped epoch key and its sequence number)."""
+    slots = store.epoch_slots()
+    return [slots.read(index) for index in range(SLOT_COUNT)]
 
 
 def shamir_store(data_dir: Path, threshold: int, count: int) -> tuple[list[str], bytes]:
@@ -444,8 +478,8 @@ def seal_scenario(bench: Bench, master: SecretBytes) -> None:
     rounds = make_rounds(node, "seal")
     bench.secrets.remember(node, "seal")
     held = {r: require_cipher(node, r) for r in rounds.live}
-    blobs = blobs_of(node)
-    assert blobs.keys() == set(rounds.live)
+    key_ids = key_ids_of(node)
+    assert key_ids.keys() == set(rounds.live)
 
     node.seal()
     assert node.sealed
@@ -463,7 +497,7 @@ def seal_scenario(bench: Bench, master: SecretBytes) -> None:
         pytest.raises(Sealed),
     ):
         node.rekey_root(enrolment, "passphrase")
-    assert blobs_of(node) == blobs, "seal must keep the wrapped round keys in the store"
+    assert key_ids_of(node) == key_ids, "seal must keep the wrapped round keys in the store"
     assert len(of_type(log_of(node.store), NodeSealed)) == 1
 
     node.start(KeyUnseal(master))
@@ -476,7 +510,7 @@ def seal_scenario(bench: Bench, master: SecretBytes) -> None:
     tags = [s.tag for s in events]
     assert tags.count(NodeUnsealed.TAG) == 2
     assert tags.index(NodeSealed.TAG) < len(tags) - 1 - tags[::-1].index(NodeUnsealed.TAG)
-    assert blobs_of(node) == blobs
+    assert key_ids_of(node) == key_ids
     # The unsealed node works as before: a new round is keyed under the same keyring.
     fresh = rid("seal:after")
     publish(node, request(fresh))
@@ -574,9 +608,8 @@ def rotation_scenario(
     live = [r for r in load.requested if r not in completed]
     rounds = Rounds(live, sorted(completed), keyshare_ciphertexts(log_of(node.store)))
     assert blobs_of(node).keys() == set(live)
-    for r, blob in blobs_of(node).items():
-        assert read_wrapped_header(blob)[0] == newest, f"round {r} is not under {newest}"
-    check_live(node, rounds, hydrated=False)
+    assert node.epochs.kek_version == newest  # the epoch key is kept under the newest KEK
+    check_live(node, rounds, hydrated=False)  # each key under the current epoch, and works
     # The audit trail: one KekRotated per rotation, as returned, with a count that fits
     # the log. Rotation k rewrapped every key stored under a version <= its old one that
     # is still live now (nothing deletes a live round's key) and no key stored later. A
@@ -607,8 +640,7 @@ def rotation_scenario(
     check_live(node, rounds)
     assert node.master.active_version == newest
     assert of_type(log_of(node.store), NodeUnsealed)[-1].active_kek == newest
-    for blob in blobs_of(node).values():
-        assert read_wrapped_header(blob)[0] == newest
+    assert node.epochs.kek_version == newest
     node.stop()
 
 
@@ -627,12 +659,15 @@ def passphrase_rekey_scenario(bench: Bench) -> None:
     node = bench.open(data_dir, PassphraseUnseal(OLD_PASSPHRASE, fast_params()))
     rounds = make_rounds(node, "rekey-pp")
     bench.secrets.remember(node, "rekey-pp/old")
-    blobs = blobs_of(node)
+    key_ids = key_ids_of(node)
     old_record = node.store.get_meta(PASSPHRASE_RECORD)
 
-    node.rekey_root(PassphraseUnseal(NEW_PASSPHRASE, fast_params()).enrol(), "passphrase")
+    with node.epochs.active_epoch():  # no ratchet meanwhile: only the rekey could write
+        blobs, slots = blobs_of(node), slot_bytes(node.store)
+        node.rekey_root(PassphraseUnseal(NEW_PASSPHRASE, fast_params()).enrol(), "passphrase")
+        assert blobs_of(node) == blobs, "a rekey must not touch the round key blobs"
+        assert slot_bytes(node.store) == slots, "a rekey must not touch the epoch key"
     bench.secrets.remember(node, "rekey-pp/new")
-    assert blobs_of(node) == blobs, "a rekey must not touch the round key blobs"
     assert node.store.get_meta(PASSPHRASE_RECORD) not in (None, old_record)
     assert of_type(log_of(node.store), RootRekeyed) == [
         RootRekeyed(old_method="passphrase", new_method="passphrase")
@@ -644,7 +679,7 @@ def passphrase_rekey_scenario(bench: Bench) -> None:
         bench.open(data_dir, PassphraseUnseal(OLD_PASSPHRASE))
     node = bench.open(data_dir, PassphraseUnseal(NEW_PASSPHRASE))
     check_live(node, rounds)
-    assert blobs_of(node) == blobs
+    assert key_ids_of(node) == key_ids
     node.stop()
 
 
@@ -663,12 +698,15 @@ def env_migration_scenario(bench: Bench) -> None:
     assert node.master.method == "env"
     rounds = make_rounds(node, "rekey-env")
     bench.secrets.remember(node, "rekey-env/old")
-    blobs = blobs_of(node)
+    key_ids = key_ids_of(node)
     assert node.store.get_meta(ENV_VERIFIER_RECORD) is not None
 
-    node.rekey_root(PassphraseUnseal(NEW_PASSPHRASE, fast_params()).enrol(), "passphrase")
+    with node.epochs.active_epoch():  # no ratchet meanwhile: only the rekey could write
+        blobs, slots = blobs_of(node), slot_bytes(node.store)
+        node.rekey_root(PassphraseUnseal(NEW_PASSPHRASE, fast_params()).enrol(), "passphrase")
+        assert blobs_of(node) == blobs
+        assert slot_bytes(node.store) == slots
     bench.secrets.remember(node, "rekey-env/new")
-    assert blobs_of(node) == blobs
     assert node.store.get_meta(METHOD_RECORD) == b"passphrase"
     assert node.store.get_meta(ENV_VERIFIER_RECORD) is None, "the env verifier must be dropped"
     assert of_type(log_of(node.store), RootRekeyed) == [
@@ -681,7 +719,7 @@ def env_migration_scenario(bench: Bench) -> None:
     node = bench.open(data_dir, PassphraseUnseal(NEW_PASSPHRASE))
     assert node.master.method == "passphrase"
     check_live(node, rounds)
-    assert blobs_of(node) == blobs
+    assert key_ids_of(node) == key_ids
     node.stop()
 
 
@@ -695,13 +733,16 @@ def shares_rekey_scenario(bench: Bench) -> None:
     node = bench.open(data_dir, PassphraseUnseal(OLD_PASSPHRASE, fast_params()))
     rounds = make_rounds(node, "rekey-sh")
     bench.secrets.remember(node, "rekey-sh/old")
-    blobs = blobs_of(node)
+    key_ids = key_ids_of(node)
 
     enrolment, mnemonics = ShamirUnseal.enrol_shares(THRESHOLD, COUNT)
     bench.secrets.shares += mnemonics
-    node.rekey_root(enrolment, "shamir")
+    with node.epochs.active_epoch():  # no ratchet meanwhile: only the rekey could write
+        blobs, slots = blobs_of(node), slot_bytes(node.store)
+        node.rekey_root(enrolment, "shamir")
+        assert blobs_of(node) == blobs
+        assert slot_bytes(node.store) == slots
     bench.secrets.remember(node, "rekey-sh/new")
-    assert blobs_of(node) == blobs
     assert node.store.get_meta(PASSPHRASE_RECORD) is None, "the passphrase record must go"
     assert node.store.get_meta(SHARE_SET_RECORD) is not None
     assert of_type(log_of(node.store), RootRekeyed) == [
@@ -718,7 +759,7 @@ def shares_rekey_scenario(bench: Bench) -> None:
     assert node.submit_share(mnemonics[2]).complete
     assert node.master.method == "shamir"
     check_live(node, rounds)
-    assert blobs_of(node) == blobs
+    assert key_ids_of(node) == key_ids
     assert of_type(log_of(node.store), NodeUnsealed)[-1].method == "shamir"
     node.stop()
 
@@ -911,14 +952,21 @@ def test_no_secret_reaches_the_logs_or_the_event_logs(
     secrets = bench.secrets
     rounds_seen = sum(1 for label in secrets.keys if label.startswith("round/"))
     keks_seen = sum(1 for label in secrets.keys if "/kek/" in label)
+    epochs_seen = sum(1 for label in secrets.keys if "/epoch/" in label)
     assert rounds_seen >= 20
     assert keks_seen >= 8
+    assert epochs_seen >= 8
     assert len(secrets.shares) >= 20
     scan_logs(logs, secrets)
     assert scan_stores(secrets) > 200
-    # The scan is not blind: a planted root key, KEK or share is found.
+    # The scan is not blind: a planted root key, KEK, epoch key or share is found.
     root, kek = secrets.keys["seal/root"], secrets.keys["seal/kek/v1"]
-    for planted in ({"event": "x", "v": root.hex()}, {"event": "x", "v": kek}):
+    (epoch,) = [key for label, key in secrets.keys.items() if label.startswith("seal/epoch/")]
+    for planted in (
+        {"event": "x", "v": root.hex()},
+        {"event": "x", "v": kek},
+        {"event": "x", "v": base64.b64encode(epoch).decode()},
+    ):
         with pytest.raises(AssertionError):
             scan_logs([planted], secrets)
     with pytest.raises(AssertionError):

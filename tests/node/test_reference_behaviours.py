@@ -15,7 +15,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from enclave_keys.crypto import RoundCipher, SecretBytes, read_wrapped_header
-from enclave_keys.errors import EnclaveKeysError, RoundCipherRetired, UnwrapFailed
+from enclave_keys.errors import EnclaveKeysError, RoundCipherRetired, UnknownEpoch, UnwrapFailed
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareFailed,
@@ -110,8 +110,12 @@ def test_a_round_key_is_stored_wrapped_and_loads_back_to_the_same_key(nodes: Nod
     assert blob is not None
     ready = of_type(log_of(node.store), RoundKeyReady, r)
     assert len(ready) == 1
-    kek_version, key_id = read_wrapped_header(blob)
-    assert (kek_version, key_id) == (ready[0].kek_version, ready[0].key_id)
+    epoch, key_id = read_wrapped_header(blob)
+    assert key_id == ready[0].key_id
+    assert ready[0].kek_version == node.epochs.kek_version
+    with node.epochs.active_epoch() as current, current._borrow_key() as epoch_key:
+        assert epoch == current.number, "wrapped under the current storage epoch key"
+        assert bytes(epoch_key) not in blob
     leased = require_cipher(node, r)
     assert leased.key_id == key_id
     raw = raw_round_key(leased)
@@ -126,6 +130,14 @@ def test_a_round_key_is_stored_wrapped_and_loads_back_to_the_same_key(nodes: Nod
     assert node.recovery.hydrated == (r,)
     assert node.recovery.failed == ()
     assert node.recovery.purged == ()
+    # The start ratcheted the epoch: the same key, rewrapped under the new epoch key; the
+    # epoch of the blob stored before the restart is gone.
+    rewrapped = node.store.get_key(r)
+    assert rewrapped is not None
+    assert read_wrapped_header(rewrapped) == (node.epochs.epoch, key_id)
+    assert node.epochs.epoch > epoch
+    with pytest.raises(UnknownEpoch), node.epochs.epoch_for(epoch):
+        pass
     again = require_cipher(node, r)
     assert again is not leased
     assert again.key_id == key_id

@@ -1,0 +1,120 @@
+"""Family 3: the round lifecycle through real Pykka actors, durable.
+
+``count`` rounds are requested (publishes of 256), run until every one is keyed — key
+generated, wrapped, stored durably, in its context, keyshare sealed — then completed
+until every key is purged (deleted, wiped, context closed). Rounds per second over the
+whole cycle. The baseline is the bare per-round work: an AES-256 key generated, wrapped
+(one AES-GCM encryption of 32 bytes), put into LMDB and deleted from it, each write one
+durable transaction as the store makes it; the table also shows each primitive alone.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Final
+
+from benchmarks.config import Sizes
+from benchmarks.harness import Row, Target, median_seconds, timed
+from benchmarks.nodes import NodeOpener, complete_all, request_all, round_ids
+from benchmarks.raw import RawLog, generate_key, new_aead, wrap_key
+from benchmarks.workdir import Workdir
+
+__all__ = ["run_lifecycle"]
+
+LIFECYCLE_TARGET: Final = Target(5_000)
+_BUDGET: Final = 3_000  # rounds over all repeats of one size
+
+
+def _cycle(opener: NodeOpener, work: Workdir, count: int) -> tuple[float, float]:
+    """(seconds requested->keyed, seconds complete->purged) for ``count`` fresh rounds."""
+    with work.scratch("lifecycle") as path:
+        node = opener.open(path)
+        try:
+            rids = round_ids(0, count)
+            keyed = timed(lambda: request_all(node, rids))
+            purged = timed(lambda: complete_all(node, rids))
+            if node.store.key_count() != 0 or node.router.open_rounds():
+                raise RuntimeError("rounds left keyed after the lifecycle")
+        finally:
+            node.stop()
+    return keyed, purged
+
+
+def _per_op(
+    ops: int, repeats: int, op: Callable[[int], object], setup: Callable[[], object] | None = None
+) -> float:
+    """Median seconds of one call of ``op`` (over ``ops`` calls per repeat, each repeat
+    after an untimed ``setup``)."""
+
+    def run() -> float:
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        for i in range(ops):
+            op(i)
+        return (time.perf_counter() - start) / ops
+
+    return median_seconds(run, repeats)
+
+
+def primitives(sizes: Sizes, work: Workdir) -> dict[str, float]:
+    """Median seconds per call of each bare primitive a round needs."""
+    ops, repeats = sizes.primitive_ops, sizes.repeats
+    kek = new_aead(generate_key())
+    key = generate_key()
+    aad = os.urandom(40)
+    with work.scratch("primitives") as path:
+        log = RawLog(path)
+        try:
+            blob = wrap_key(kek, key, aad)
+            names = [i.to_bytes(8, "big") for i in range(ops)]
+            costs = {
+                "key generation": _per_op(ops, repeats, lambda _: generate_key()),
+                "wrap (AES-GCM, 32 B)": _per_op(ops, repeats, lambda _: wrap_key(kek, key, aad)),
+                "LMDB put, durable": _per_op(ops, repeats, lambda i: log.put_key(names[i], blob)),
+                "LMDB delete, durable": _per_op(
+                    ops,
+                    repeats,
+                    lambda i: log.delete_key(names[i]),
+                    setup=lambda: log.put_keys([(name, blob) for name in names]),
+                ),
+            }
+        finally:
+            log.close()
+    return costs
+
+
+def run_lifecycle(sizes: Sizes, work: Workdir) -> list[Row]:
+    costs = primitives(sizes, work)
+    bare_rate = 1.0 / sum(costs.values())
+    rows = [
+        Row("lifecycle", f"bare primitive: {name}", 1, "us/op", seconds * 1e6)
+        for name, seconds in costs.items()
+    ]
+    opener = NodeOpener()
+    try:
+        for count in sizes.rounds:
+            runs = [_cycle(opener, work, count) for _ in range(sizes.repeats_for(count, _BUDGET))]
+            total = statistics.median(k + p for k, p in runs)
+            rows.append(
+                Row(
+                    "lifecycle",
+                    "rounds requested -> keyed -> purged (Pykka)",
+                    count,
+                    "rounds/s",
+                    count / total,
+                    "keygen+wrap+put+delete",
+                    bare_rate,
+                    LIFECYCLE_TARGET,
+                    notes={
+                        "keyed_rounds_per_s": count / statistics.median(k for k, _ in runs),
+                        "purged_rounds_per_s": count / statistics.median(p for _, p in runs),
+                    },
+                )
+            )
+    finally:
+        opener.close()
+    return rows

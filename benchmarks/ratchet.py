@@ -1,0 +1,171 @@
+"""Family 7: the storage epoch ratchet (forward secrecy at rest, issue 5).
+
+* **Rewrap cost** at 10, 1,000 and 100,000 live round keys: one ``EpochKeeper.ratchet()``
+  on real LMDB files (slot write, unwrap + wrap of every live key, one commit, old slot
+  wiped), in rewrapped keys per second. The baseline is the bare work in the same run:
+  ``AESGCM.decrypt`` + ``AESGCM.encrypt`` of every 32-byte key and one raw LMDB
+  transaction putting the 85-byte results.
+* **Purges per second** with ratchets on: a steady 1,000 live rounds; each purge deletes
+  one key (its own durable commit, as the round cipher does) and adds a fresh one, and the
+  keeper ratchets whenever half its window (the default 1 s, on real time) has passed.
+  The baseline is the same puts and deletes on raw LMDB with no ratchet at all.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Final
+
+import lmdb
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from benchmarks.config import Sizes
+from benchmarks.harness import Row, median_seconds, timed
+from benchmarks.workdir import Workdir
+from enclave_keys.clock import SystemClock
+from enclave_keys.crypto import Keyring, RoundCipher, wrap_round_key
+from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper
+from enclave_keys.ids import RoundId
+from enclave_keys.store import LmdbStore
+
+__all__ = ["run_ratchet"]
+
+_STEADY_LIVE: Final = 1_000
+_WRAPPED: Final = 85
+
+
+def _fill(keeper: EpochKeeper, store: LmdbStore, count: int, prefix: str) -> list[RoundId]:
+    rounds = [RoundId(f"{prefix}-{i:06d}") for i in range(count)]
+    with keeper.active_epoch() as epoch, store.write() as batch:
+        for rid in rounds:
+            with RoundCipher.generate(rid) as cipher:
+                batch.put_key(rid, wrap_round_key(epoch, cipher))
+    return rounds
+
+
+def _raw_rewrap(path: Path, count: int, repeats: int) -> float:
+    """Seconds for the bare rewrap of ``count`` keys: decrypt, encrypt, one LMDB commit."""
+    old, new = AESGCM(AESGCM.generate_key(256)), AESGCM(AESGCM.generate_key(256))
+    blobs = []
+    for _ in range(count):
+        nonce = os.urandom(12)
+        blobs.append((nonce, old.encrypt(nonce, os.urandom(32), b"aad")))
+    env = lmdb.open(str(path), map_size=1 << 30, sync=True, metasync=True)
+    try:
+
+        def rewrap() -> None:
+            with env.begin(write=True) as txn:
+                for i, (nonce, sealed) in enumerate(blobs):
+                    key = old.decrypt(nonce, sealed, b"aad")
+                    fresh = os.urandom(12)
+                    value = b"\x02" + bytes(24) + fresh + new.encrypt(fresh, key, b"aad")
+                    assert len(value) == _WRAPPED
+                    txn.put(b"r-%06d" % i, value)
+
+        return median_seconds(lambda: timed(rewrap), repeats)
+    finally:
+        env.close()
+
+
+def _rewrap_row(sizes: Sizes, work: Workdir, live: int) -> Row:
+    repeats = sizes.repeats_for(live, 300_000)
+    ring = Keyring.create()
+    try:
+        with work.scratch("ratchet") as path, LmdbStore.open(path) as store:
+            keeper, _ = EpochKeeper.open(store, ring, clock=SystemClock())
+            try:
+                _fill(keeper, store, live, "live")
+                ours = median_seconds(lambda: timed(keeper.ratchet), repeats)
+            finally:
+                keeper.close()
+        with work.scratch("ratchet-raw") as path:
+            path.mkdir(parents=True)
+            raw = _raw_rewrap(path, live, repeats)
+    finally:
+        ring.seal(0.0, force=True)
+    return Row(
+        "ratchet",
+        f"epoch ratchet, {live:,} live keys",
+        live,
+        "keys/s",
+        live / ours,
+        "raw decrypt+encrypt, one LMDB commit",
+        live / raw,
+    )
+
+
+def _purge_rate(keeper: EpochKeeper, store: LmdbStore, seconds: float) -> tuple[float, int]:
+    """Purges per second over ``seconds`` of steady churn, and the ratchets it took."""
+    rounds = _fill(keeper, store, _STEADY_LIVE, "steady")
+    before = keeper.changes
+    clock = SystemClock()
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rid = rounds[done % len(rounds)]
+        with keeper.hold_ratchet():
+            store.delete_key(rid)
+        keeper.purged()
+        with keeper.active_epoch() as epoch, RoundCipher.generate(rid) as cipher:
+            store.put_key(rid, wrap_round_key(epoch, cipher))
+        keeper.ratchet_if_due(clock.now())
+        done += 1
+    return done / (time.perf_counter() - start), keeper.changes - before
+
+
+def _raw_purge_rate(path: Path, seconds: float) -> float:
+    env = lmdb.open(str(path), map_size=1 << 30, sync=True, metasync=True)
+    try:
+        value = os.urandom(_WRAPPED)
+        with env.begin(write=True) as txn:
+            for i in range(_STEADY_LIVE):
+                txn.put(b"s-%06d" % i, value)
+        done = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            key = b"s-%06d" % (done % _STEADY_LIVE)
+            with env.begin(write=True) as txn:
+                txn.delete(key)
+            with env.begin(write=True) as txn:
+                txn.put(key, value)
+            done += 1
+        return done / (time.perf_counter() - start)
+    finally:
+        env.close()
+
+
+def _purge_row(sizes: Sizes, work: Workdir) -> Row:
+    seconds = 0.3 if sizes.name == "tiny" else 3.0
+    ring = Keyring.create()
+    try:
+        with work.scratch("purges") as path, LmdbStore.open(path) as store:
+            keeper, _ = EpochKeeper.open(
+                store, ring, clock=SystemClock(), window=DEFAULT_EPOCH_WINDOW
+            )
+            try:
+                rate, ratchets = _purge_rate(keeper, store, seconds)
+            finally:
+                keeper.close()
+    finally:
+        ring.seal(0.0, force=True)
+    with work.scratch("purges-raw") as path:
+        path.mkdir(parents=True)
+        raw = _raw_purge_rate(path, seconds)
+    return Row(
+        "ratchet",
+        f"purges with ratchets ({_STEADY_LIVE:,} live, {ratchets} ratchets)",
+        _STEADY_LIVE,
+        "purges/s",
+        rate,
+        "raw LMDB delete + put commits",
+        raw,
+    )
+
+
+def run_ratchet(sizes: Sizes, work: Workdir) -> list[Row]:
+    counts = (10, 40) if sizes.name == "tiny" else (10, 1_000, 100_000)
+    if sizes.name == "small":
+        counts = (10, 1_000, 10_000)
+    return [*(_rewrap_row(sizes, work, live) for live in counts), _purge_row(sizes, work)]

@@ -1,0 +1,631 @@
+"""The storage epoch ratchet: forward secrecy for round keys at rest (design §6).
+
+Round keys are stored wrapped under the current **storage epoch key**; the epoch key is
+kept, wrapped under the active KEK, in the store's slot file (:mod:`enclave_keys.store.
+slots`), which is overwritten in place — never in LMDB, whose deleted values linger in
+free pages. When round keys are purged, :class:`EpochKeeper` *ratchets* within the
+configured window: it makes the next epoch key, rewraps every live round key under it and
+destroys the old one. After that, a purged round's wrapped key — wherever a copy of it
+lingers — names an epoch key that no longer exists anywhere: the master secret does not
+bring it back.
+
+One epoch change, crash-safe at every step (``docs/key-hierarchy.md``)::
+
+    1. write the new epoch key to the *other* slot (sequence + 1), fdatasync
+                                               -> both slots valid
+    2. rewrap every live round key, one LMDB commit
+    3. overwrite the old slot with zeros, fdatasync
+                                               -> old epoch key destroyed
+
+At open, :meth:`EpochKeeper.open` finishes an interrupted change: with two usable slots
+it rewraps whatever is still under the older epoch, then wipes the older slot (roll
+forward, so an epoch meant to be destroyed is destroyed). A slot that is torn, or whose
+KEK version the keyring does not have (a KEK rotation that did not commit), is wiped.
+
+A KEK rotation is an epoch change too (:meth:`EpochKeeper.rotate_kek`): the new epoch key
+is wrapped under the new KEK, and the keyring commits in the same LMDB transaction as the
+rewrapped round keys.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from enclave_keys.clock import Clock
+from enclave_keys.crypto import (
+    DEFAULT_LEASE_WAIT,
+    Entropy,
+    EpochKey,
+    Kek,
+    KekSource,
+    LeaseGate,
+    check_timeout,
+    read_epoch_header,
+    read_wrapped_header,
+    rewrap_round_keys,
+    unwrap_epoch_key,
+    wrap_epoch_key,
+)
+from enclave_keys.errors import (
+    CorruptSlot,
+    KekRetired,
+    RatchetFailed,
+    StoreUnavailable,
+    UnknownEpoch,
+    UnknownKekVersion,
+    UnwrapFailed,
+)
+from enclave_keys.ids import EpochNumber, KekVersion, RoundId
+from enclave_keys.master import KekDependent, KekRotation, MasterKeys
+from enclave_keys.store import Store, WriteBatch
+from enclave_keys.store.slots import (
+    SLOT_COUNT,
+    SLOT_SIZE,
+    SlotDevice,
+    SlotRecord,
+    decode_slot,
+    encode_slot,
+)
+
+__all__ = [
+    "DEFAULT_EPOCH_WINDOW",
+    "EpochChange",
+    "EpochKeeper",
+    "EpochRecovery",
+    "RatchetPhase",
+    "SlotStatus",
+    "slot_status",
+]
+
+_log = structlog.get_logger(__name__)
+
+DEFAULT_EPOCH_WINDOW: Final = 1.0
+"""Seconds within which a purged round key becomes unrecoverable (design §6)."""
+
+_EMPTY_SLOT: Final = bytes(SLOT_SIZE)
+_FIRST_EPOCH: Final = EpochNumber(1)
+
+RatchetPhase = Callable[[str], None]
+"""Test hook, called with ``"slot_written"``, ``"keys_rewrapped"``, ``"old_slot_wiped"``."""
+
+
+@dataclass(frozen=True, slots=True)
+class EpochChange:
+    """What one epoch change did (numbers and counts, never key bytes)."""
+
+    old_epoch: EpochNumber
+    new_epoch: EpochNumber
+    rewrapped: int
+    skipped: int  # stored blobs that were already unreadable (left for the sweep)
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EpochRecovery:
+    """What :meth:`EpochKeeper.open` found in the slot file."""
+
+    epoch: EpochNumber
+    created: bool  # no usable slot: a new epoch was made
+    rolled_forward: int  # round keys rewrapped to finish an interrupted change
+    wiped_slots: tuple[int, ...]  # stale, torn or unusable slots overwritten
+
+
+@dataclass(slots=True)
+class _Slot:
+    index: int
+    record: SlotRecord
+    kek_version: KekVersion
+    epoch: EpochNumber
+
+
+class _Rewrap(KekDependent):
+    """An epoch change staged for a KEK rotation: the new slot is written, the rewrapped
+    keys wait for the rotation's commit."""
+
+    def __init__(self, keeper: EpochKeeper, new: EpochKey, kek_version: KekVersion) -> None:
+        self._keeper = keeper
+        self._new = new
+        self._kek_version = kek_version
+        self._blobs: list[tuple[RoundId, bytes]] = []
+        self._skipped = 0
+
+    def write(self, batch: WriteBatch) -> int:
+        self._blobs, self._skipped = self._keeper._rewrapped(self._new)
+        for round_id, blob in self._blobs:
+            batch.put_key(round_id, blob)
+        return len(self._blobs)
+
+    def committed(self) -> None:
+        self._keeper._phase("keys_rewrapped")
+        self._keeper._finish(self._new, self._kek_version, len(self._blobs), self._skipped, "kek")
+
+    def aborted(self) -> None:
+        self._keeper._roll_back(self._new)
+
+
+class EpochKeeper:
+    """Holds the current storage epoch key and ratchets it. An :class:`EpochSource`.
+
+    Build with :meth:`open` once the keyring is unsealed. ``window`` bounds the time from
+    a purge to the destruction of the epoch key that wrapped the purged key: a ratchet
+    is due ``window / 2`` after the first purge not yet covered (:meth:`ratchet_if_due`,
+    called on every node tick; :meth:`start_timer` runs it on real time for a threaded
+    node). ``entropy`` (FOR SIMULATIONS ONLY) makes epoch keys and nonces deterministic.
+    Thread-safe.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        keks: KekSource,
+        *,
+        clock: Clock,
+        window: float = DEFAULT_EPOCH_WINDOW,
+        lease_timeout: float = DEFAULT_LEASE_WAIT,
+        entropy: Entropy | None = None,
+        phase_hook: RatchetPhase | None = None,
+    ) -> None:
+        """Private: use :meth:`open`."""
+        self._store = store
+        self._slots: SlotDevice = store.epoch_slots()
+        self._keks = keks
+        self._clock = clock
+        self._window = check_timeout(window, "window")
+        self._lease_timeout = check_timeout(lease_timeout, "lease_timeout")
+        self._entropy = entropy
+        self._phase_hook = phase_hook
+        self._gate = LeaseGate("storage epoch")
+        self._lock = threading.Lock()  # guards the fields below
+        self._current: EpochKey | None = None
+        self._index = 0
+        self._sequence = 0
+        self._kek_version = KekVersion(1)
+        self._last_number = 0  # highest epoch number made or seen: never reused
+        self._pending_since: float | None = None
+        self._purges = 0  # purges since the last epoch change began
+        self._changes = 0
+        self._timer: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+
+    # --- open and recovery ----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        store: Store,
+        keks: KekSource,
+        *,
+        clock: Clock,
+        window: float = DEFAULT_EPOCH_WINDOW,
+        lease_timeout: float = DEFAULT_LEASE_WAIT,
+        entropy: Entropy | None = None,
+        phase_hook: RatchetPhase | None = None,
+    ) -> tuple[EpochKeeper, EpochRecovery]:
+        """Load the current epoch from the slot file, finishing an interrupted change.
+
+        A fresh store gets epoch 1. If no slot is usable although round keys are stored
+        (the slot file was lost), a new epoch is made and those keys stay unreadable:
+        hydration reports them and the node fails their rounds.
+        """
+        keeper = cls(
+            store,
+            keks,
+            clock=clock,
+            window=window,
+            lease_timeout=lease_timeout,
+            entropy=entropy,
+            phase_hook=phase_hook,
+        )
+        try:
+            recovery = keeper._recover()
+        except BaseException:
+            keeper.close()
+            raise
+        return keeper, recovery
+
+    def _recover(self) -> EpochRecovery:
+        found: list[_Slot] = []
+        wipe: list[int] = []
+        highest_sequence = 0
+        highest_epoch = 0
+        for index in range(SLOT_COUNT):
+            try:
+                record = decode_slot(self._slots.read(index))
+            except CorruptSlot as exc:
+                _log.warning("epoch_slot_corrupt", slot=index, error=str(exc))
+                wipe.append(index)
+                continue
+            if record is None:
+                continue
+            highest_sequence = max(highest_sequence, record.sequence)
+            try:
+                kek_version, epoch = read_epoch_header(record.payload)
+            except UnwrapFailed:
+                _log.warning("epoch_slot_unusable", slot=index, why="malformed")
+                wipe.append(index)
+                continue
+            highest_epoch = max(highest_epoch, epoch.number)
+            found.append(_Slot(index, record, kek_version, epoch))
+
+        usable: list[tuple[_Slot, EpochKey]] = []
+        for slot in found:
+            key = self._open_slot(slot)
+            if key is None:
+                wipe.append(slot.index)
+            else:
+                usable.append((slot, key))
+        usable.sort(key=lambda pair: (pair[0].record.sequence, pair[0].epoch.number))
+
+        rolled = 0
+        created = False
+        if not usable:
+            highest_epoch = max([highest_epoch, *self._stored_epochs()], default=0)
+            created = True
+            self._create_first(highest_sequence, highest_epoch, wipe)
+        else:
+            (slot, key) = usable[-1]
+            self._adopt(slot, key)
+            for old_slot, old_key in usable[:-1]:
+                rolled += self._roll_forward(old_key, key)
+                old_key.wipe()
+                wipe.append(old_slot.index)
+        with self._lock:
+            self._last_number = max(highest_epoch, self._live_locked().number.number)
+        wiped = tuple(sorted(set(wipe) - {self._index}))
+        for index in wiped:
+            self._slots.write(index, _EMPTY_SLOT)
+        current = self._epoch_number()
+        _log.info(
+            "epoch_opened",
+            epoch=current.number,
+            kek_version=self._kek_version.number,
+            created=created,
+            rolled_forward=rolled,
+            wiped_slots=list(wiped),
+        )
+        return EpochRecovery(current, created, rolled, wiped)
+
+    def _open_slot(self, slot: _Slot) -> EpochKey | None:
+        try:
+            with self._keks.kek_for(slot.kek_version) as kek:
+                return unwrap_epoch_key(kek, slot.record.payload, entropy=self._entropy)
+        except (UnknownKekVersion, KekRetired, UnwrapFailed) as exc:
+            # A rotation that never committed, or one whose old slot was not yet wiped.
+            _log.warning(
+                "epoch_slot_unusable",
+                slot=slot.index,
+                epoch=slot.epoch.number,
+                kek_version=slot.kek_version.number,
+                why=type(exc).__name__,
+            )
+            return None
+
+    def _stored_epochs(self) -> list[int]:
+        numbers = []
+        for _, blob in self._store.list_keys():
+            try:
+                numbers.append(read_wrapped_header(blob)[0].number)
+            except UnwrapFailed:
+                continue
+        return numbers
+
+    def _create_first(self, highest_sequence: int, highest_epoch: int, wipe: list[int]) -> None:
+        epoch = EpochNumber(highest_epoch + 1) if highest_epoch else _FIRST_EPOCH
+        key = EpochKey.generate(epoch, entropy=self._entropy)
+        index = 0
+        try:
+            with self._keks.active_kek() as kek:
+                payload = wrap_epoch_key(kek, key)
+                self._slots.write(index, encode_slot(SlotRecord(highest_sequence + 1, payload)))
+                kek_version = kek.version
+        except BaseException:
+            key.wipe()
+            raise
+        stored = self._store.key_count()
+        if stored:
+            _log.error("epoch_keys_lost", stored_round_keys=stored, new_epoch=epoch.number)
+        with self._lock:
+            self._current, self._index = key, index
+            self._sequence, self._kek_version = highest_sequence + 1, kek_version
+        wipe.append(1 - index)
+
+    def _adopt(self, slot: _Slot, key: EpochKey) -> None:
+        with self._lock:
+            self._current, self._index = key, slot.index
+            self._sequence, self._kek_version = slot.record.sequence, slot.kek_version
+
+    def _roll_forward(self, old: EpochKey, new: EpochKey) -> int:
+        """Rewrap what is still under ``old`` (an interrupted change) under ``new``."""
+        rewrapped = rewrap_round_keys(old, new, self._store.list_keys())
+        todo = [(round_id, blob) for round_id, blob in rewrapped if blob is not None]
+        if todo:
+            with self._store.write() as batch:
+                for round_id, blob in todo:
+                    batch.put_key(round_id, blob)
+        _log.info("epoch_change_rolled_forward", old=old.number.number, new=new.number.number)
+        return len(todo)
+
+    # --- EpochSource --------------------------------------------------------------------
+
+    @property
+    def kek_version(self) -> KekVersion:
+        """The KEK version that wraps the current epoch key."""
+        with self._lock:
+            return self._kek_version
+
+    @property
+    def epoch(self) -> EpochNumber:
+        """The current epoch number."""
+        return self._epoch_number()
+
+    @property
+    def changes(self) -> int:
+        """Epoch changes made by this keeper (ratchets and KEK rotations)."""
+        with self._lock:
+            return self._changes
+
+    @property
+    def pending_since(self) -> float | None:
+        """Clock time of the first purge not yet covered by an epoch change."""
+        with self._lock:
+            return self._pending_since
+
+    def _epoch_number(self) -> EpochNumber:
+        return self._live().number
+
+    def _live(self) -> EpochKey:
+        with self._lock:
+            return self._live_locked()
+
+    def _live_locked(self) -> EpochKey:
+        if self._current is None:
+            raise UnknownEpoch("the epoch keeper is closed")
+        return self._current
+
+    @contextmanager
+    def active_epoch(self) -> Iterator[EpochKey]:
+        with self._gate.shared(self._lease_timeout):
+            yield self._live()
+
+    @contextmanager
+    def epoch_for(self, number: EpochNumber) -> Iterator[EpochKey]:
+        with self._gate.shared(self._lease_timeout):
+            current = self._live()
+            if number != current.number:
+                raise UnknownEpoch(f"storage epoch {number} is destroyed or unknown")
+            yield current
+
+    @contextmanager
+    def hold_ratchet(self) -> Iterator[None]:
+        with self._gate.shared(self._lease_timeout, allow_closed=True):
+            yield
+
+    def purged(self) -> None:
+        with self._lock:
+            if self._pending_since is None:
+                self._pending_since = self._clock.now()
+            self._purges += 1
+            self._wake.notify_all()
+
+    # --- ratchet --------------------------------------------------------------------------
+
+    def due(self, now: float) -> bool:
+        """True once half the window has passed since the first uncovered purge."""
+        with self._lock:
+            since = self._pending_since
+        return since is not None and now - since >= self._window / 2
+
+    def ratchet_if_due(self, now: float) -> EpochChange | None:
+        """Ratchet if :meth:`due`; the node calls this on every tick."""
+        return self.ratchet("window") if self.due(now) else None
+
+    def ratchet_pending(self) -> EpochChange | None:
+        """Ratchet now if any purge is not yet covered (clean stop, seal)."""
+        with self._lock:
+            pending = self._pending_since is not None
+        return self.ratchet("pending") if pending else None
+
+    def ratchet(self, reason: str = "requested", *, timeout: float | None = None) -> EpochChange:
+        """Make the next epoch, rewrap every live round key under it, destroy the old.
+
+        Waits (bounded) for wraps and deletes in flight. On failure memory and disk keep
+        the current epoch (:class:`RatchetFailed`; a crash instead is finished at open).
+        """
+        wait = self._lease_timeout if timeout is None else check_timeout(timeout)
+        with self._gate.exclusive(wait), self._keks.active_kek() as kek:
+            new = self._stage(kek)
+            try:
+                blobs, skipped = self._rewrapped(new)
+                with self._store.write() as batch:
+                    for round_id, blob in blobs:
+                        batch.put_key(round_id, blob)
+                self._phase("keys_rewrapped")
+            except BaseException as exc:
+                self._roll_back(new)
+                if isinstance(exc, Exception):
+                    raise RatchetFailed(f"epoch change failed: {type(exc).__name__}") from exc
+                raise
+            return self._finish(new, kek.version, len(blobs), skipped, reason)
+
+    def rotate_kek(self, master: MasterKeys, *, timeout: float | None = None) -> KekRotation:
+        """Rotate ``master``'s KEK as an epoch change: the next epoch key, wrapped under
+        the new KEK, and every live round key rewrapped under it, commit in the same
+        LMDB transaction as the new keyring. Waits (bounded) for wraps in flight."""
+        wait = self._lease_timeout if timeout is None else check_timeout(timeout)
+        with self._gate.exclusive(wait):
+            return master.rotate_kek(timeout=wait, rewrap=self._prepare_rotation)
+
+    def _prepare_rotation(self, new_kek: Kek) -> _Rewrap:
+        new = self._stage(new_kek)
+        return _Rewrap(self, new, new_kek.version)
+
+    def _stage(self, kek: Kek) -> EpochKey:
+        """Step 1: the next epoch key, written durably to the other slot."""
+        with self._lock:
+            self._last_number = max(self._last_number, self._live_locked().number.number) + 1
+            number = EpochNumber(self._last_number)
+            target, sequence = 1 - self._index, self._sequence + 1
+            self._purges = 0
+        new = EpochKey.generate(number, entropy=self._entropy)
+        try:
+            record = SlotRecord(sequence, wrap_epoch_key(kek, new))
+            self._slots.write(target, encode_slot(record))
+        except BaseException:
+            new.wipe()
+            raise
+        self._phase("slot_written")
+        return new
+
+    def _rewrapped(self, new: EpochKey) -> tuple[list[tuple[RoundId, bytes]], int]:
+        """Step 2's blobs: every stored key under the current epoch, rewrapped under
+        ``new``. Blobs that do not open (another epoch, tampered) are skipped: they are
+        already unreadable, and must not hold the ratchet back."""
+        blobs: list[tuple[RoundId, bytes]] = []
+        skipped = 0
+        for round_id, blob in rewrap_round_keys(self._live(), new, self._store.list_keys()):
+            if blob is None:
+                skipped += 1
+                _log.warning("epoch_rewrap_skipped", round_id=round_id.value)
+            else:
+                blobs.append((round_id, blob))
+        return blobs, skipped
+
+    def _finish(
+        self, new: EpochKey, kek_version: KekVersion, rewrapped: int, skipped: int, reason: str
+    ) -> EpochChange:
+        """Step 3: destroy the old epoch key on disk, then in memory."""
+        with self._lock:
+            old, old_index = self._live_locked(), self._index
+        self._slots.write(old_index, _EMPTY_SLOT)
+        self._phase("old_slot_wiped")
+        with self._lock:
+            self._current, self._index = new, 1 - old_index
+            self._sequence += 1
+            self._kek_version = kek_version
+            self._changes += 1
+            if self._purges == 0:  # no purge arrived while this change ran
+                self._pending_since = None
+        old.wipe()
+        change = EpochChange(old.number, new.number, rewrapped, skipped, reason)
+        _log.info(
+            "epoch_changed",
+            old_epoch=old.number.number,
+            new_epoch=new.number.number,
+            kek_version=kek_version.number,
+            rewrapped=rewrapped,
+            skipped=skipped,
+            reason=reason,
+        )
+        return change
+
+    def _roll_back(self, new: EpochKey) -> None:
+        """Undo step 1 after a failure: wipe the new slot and key (best effort)."""
+        with self._lock:
+            target = 1 - self._index
+        new.wipe()
+        try:
+            self._slots.write(target, _EMPTY_SLOT)
+        except Exception as exc:  # both slots stay valid: the next open rolls forward
+            _log.error("epoch_rollback_incomplete", error_type=type(exc).__name__)
+        _log.warning("epoch_change_rolled_back", abandoned=new.number.number)
+
+    def _phase(self, name: str) -> None:
+        if self._phase_hook is not None:
+            self._phase_hook(name)
+
+    # --- the real-time timer ----------------------------------------------------------------
+
+    def start_timer(self) -> None:
+        """Ratchet on real time: ``window / 2`` seconds after the first uncovered purge.
+
+        For a threaded node whose ticks may be far apart. Idempotent; stopped by
+        :meth:`close`.
+        """
+        with self._lock:
+            if self._timer is not None or self._closing:
+                return
+            self._timer = threading.Thread(target=self._run_timer, name="epoch-ratchet")
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _run_timer(self) -> None:
+        delay = self._window / 2
+        while True:
+            with self._lock:
+                self._wake.wait_for(lambda: self._closing or self._pending_since is not None)
+                if self._closing:
+                    return
+                # Let purges gather for half the window, unless the keeper closes.
+                self._wake.wait_for(lambda: self._closing, timeout=delay)
+                if self._closing:
+                    return
+            try:
+                self.ratchet_pending()
+            except Exception as exc:
+                _log.error("epoch_timer_ratchet_failed", error_type=type(exc).__name__)
+                with self._lock:
+                    self._wake.wait_for(lambda: self._closing, timeout=delay)
+
+    # --- close ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the timer and wipe the epoch key from memory. The slots are not touched."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+            timer, self._timer = self._timer, None
+        if timer is not None and timer is not threading.current_thread():
+            timer.join()
+        self._gate.close(self._lease_timeout, force=True)
+        with self._lock:
+            current, self._current = self._current, None
+        if current is not None:
+            current.wipe()
+
+    def __repr__(self) -> str:
+        with self._lock:
+            if self._current is None:
+                return "EpochKeeper(closed)"
+            return (
+                f"EpochKeeper(epoch={self._current.number.number},"
+                f" kek_version={self._kek_version.number}, slot={self._index})"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStatus:
+    """What a slot holds, read without any key: for status pages and ``inspect``."""
+
+    index: int
+    state: str  # "empty", "epoch", "corrupt", or "missing" (no slot file)
+    sequence: int | None = None
+    epoch: EpochNumber | None = None
+    kek_version: KekVersion | None = None
+
+
+def slot_status(store: Store) -> list[SlotStatus]:
+    """Each epoch slot's state: sequence, epoch number and KEK version (never key bytes)."""
+    found = []
+    try:
+        device = store.epoch_slots()
+    except StoreUnavailable:
+        return [SlotStatus(index, "missing") for index in range(SLOT_COUNT)]
+    for index in range(SLOT_COUNT):
+        try:
+            record = decode_slot(device.read(index))
+            if record is None:
+                found.append(SlotStatus(index, "empty"))
+                continue
+            kek_version, epoch = read_epoch_header(record.payload)
+        except (CorruptSlot, UnwrapFailed):
+            found.append(SlotStatus(index, "corrupt"))
+            continue
+        found.append(SlotStatus(index, "epoch", record.sequence, epoch, kek_version))
+    return found

@@ -1,0 +1,156 @@
+"""The epoch slot file: record layout, bad input, in-place overwrite, both devices."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from enclave_keys.errors import CorruptSlot, StoreClosed, StoreError, StoreUnavailable
+from enclave_keys.store import LmdbStore
+from enclave_keys.store.slots import (
+    SLOT_FILE_NAME,
+    SLOT_FILE_SIZE,
+    SLOT_SIZE,
+    SlotFile,
+    SlotRecord,
+    decode_slot,
+    encode_slot,
+)
+from tests.store.conftest import Harness
+
+RECORD = SlotRecord(7, b"\x01" + bytes(range(72)))
+
+
+def test_a_record_round_trips_and_has_the_documented_layout() -> None:
+    raw = encode_slot(RECORD)
+    assert len(raw) == SLOT_SIZE
+    assert raw[:8] == b"EKSLOT\x00\x01"
+    assert int.from_bytes(raw[8:16], "big") == 7
+    assert int.from_bytes(raw[16:18], "big") == len(RECORD.payload)
+    end = 18 + len(RECORD.payload)
+    assert raw[18:end] == RECORD.payload
+    assert raw[end : end + 32] == hashlib.sha256(raw[:end]).digest()
+    assert not any(raw[end + 32 :])
+    assert decode_slot(raw) == RECORD
+
+
+def test_an_all_zero_slot_is_empty() -> None:
+    assert decode_slot(bytes(SLOT_SIZE)) is None
+
+
+def test_the_repr_never_shows_the_payload() -> None:
+    assert "payload=<73 bytes>" in repr(RECORD)
+    assert RECORD.payload.hex() not in repr(RECORD)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [SlotRecord(0, b"x"), SlotRecord(2**64, b"x"), SlotRecord(1, b""), SlotRecord(1, bytes(257))],
+)
+def test_out_of_range_records_are_refused(record: SlotRecord) -> None:
+    with pytest.raises(StoreError):
+        encode_slot(record)
+
+
+@given(st.integers(0, SLOT_SIZE * 8 - 1))
+def test_any_bit_flip_is_detected(bit: int) -> None:
+    raw = bytearray(encode_slot(RECORD))
+    raw[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(CorruptSlot):
+        decode_slot(bytes(raw))
+
+
+@given(st.binary(min_size=1, max_size=300), st.binary(max_size=8))
+def test_random_bytes_are_empty_or_corrupt_never_a_crash(noise: bytes, prefix: bytes) -> None:
+    """Random headers (with and without the right magic), padded to a slot."""
+    raw = ((b"EKSLOT\x00\x01" if prefix else b"") + noise)[:SLOT_SIZE]
+    raw += bytes(SLOT_SIZE - len(raw))
+    with contextlib.suppress(CorruptSlot):
+        assert decode_slot(raw) is None
+
+
+@given(st.integers(0, SLOT_SIZE - 1))
+def test_a_torn_write_is_detected(cut: int) -> None:
+    """A write that stopped part way: the new prefix over an empty slot."""
+    raw = encode_slot(RECORD)
+    torn = raw[:cut] + bytes(SLOT_SIZE - cut)
+    if torn == raw:
+        return  # the cut fell in the zero padding: the write did complete
+    with contextlib.suppress(CorruptSlot):
+        assert decode_slot(torn) is None  # cut == 0
+
+
+def test_a_slot_of_the_wrong_size_is_corrupt() -> None:
+    with pytest.raises(CorruptSlot):
+        decode_slot(encode_slot(RECORD)[:-1])
+
+
+# --- the devices: one contract for both ---------------------------------------------------
+
+
+def test_device_contract(harness: Harness) -> None:
+    device = harness.store.epoch_slots()
+    assert device.read(0) == device.read(1) == bytes(SLOT_SIZE)
+    device.write(1, encode_slot(RECORD))
+    assert decode_slot(device.read(1)) == RECORD
+    assert device.read(0) == bytes(SLOT_SIZE), "a write touches its own slot only"
+    for bad in (-1, 2, True):
+        with pytest.raises(StoreError):
+            device.read(bad)
+    with pytest.raises(StoreError):
+        device.write(0, b"short")
+    reopened = harness.reopen().epoch_slots()
+    assert decode_slot(reopened.read(1)) == RECORD, "slots outlive the store object"
+
+
+def test_a_closed_store_refuses_its_slots(harness: Harness) -> None:
+    harness.store.close()
+    with pytest.raises(StoreClosed):
+        harness.store.epoch_slots()
+
+
+def test_the_slot_file_is_overwritten_in_place(tmp_path: Path) -> None:
+    """Same inode, same size, old bytes gone: nothing is appended or copied."""
+    with LmdbStore.open(tmp_path) as store:
+        device = store.epoch_slots()
+        path = tmp_path / SLOT_FILE_NAME
+        inode = path.stat().st_ino
+        old = encode_slot(SlotRecord(1, b"\xaa" * 73))
+        device.write(0, old)
+        device.write(0, bytes(SLOT_SIZE))
+        data = path.read_bytes()
+        assert path.stat().st_ino == inode
+        assert len(data) == SLOT_FILE_SIZE
+        assert b"\xaa" * 73 not in data
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+
+
+@pytest.mark.parametrize("size", [0, 100, SLOT_FILE_SIZE - 1, SLOT_FILE_SIZE + 1])
+def test_a_truncated_or_foreign_slot_file_is_refused(tmp_path: Path, size: int) -> None:
+    (tmp_path / SLOT_FILE_NAME).write_bytes(os.urandom(size))
+    with pytest.raises(StoreUnavailable):
+        SlotFile.open(tmp_path)
+
+
+def test_a_missing_slot_file_is_created_unless_told_not_to(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable):
+        SlotFile.open(tmp_path, create=False)
+    device = SlotFile.open(tmp_path)
+    try:
+        assert (tmp_path / SLOT_FILE_NAME).stat().st_size == SLOT_FILE_SIZE
+    finally:
+        device.close()
+    with pytest.raises(StoreClosed):
+        device.read(0)
+
+
+def test_a_directory_in_place_of_the_slot_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / SLOT_FILE_NAME).mkdir()
+    with pytest.raises(StoreUnavailable):
+        SlotFile.open(tmp_path)

@@ -1,0 +1,432 @@
+"""The storage epoch ratchet: wrap, ratchet, window, crash at every step, rotation, timer.
+
+Crashes are taken as disk images: at each step of an epoch change a copy of everything
+committed (store and slots) is made, and a fresh keeper opened over the copy must find
+every live round key, with the interrupted change finished or undone. The SIGKILL
+version of this runs in tests/forensics.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from structlog.testing import capture_logs
+
+from enclave_keys.clock import ManualClock
+from enclave_keys.crypto import (
+    Keyring,
+    RoundCipher,
+    SecretBytes,
+    read_wrapped_header,
+    unwrap_round_key,
+    wrap_round_key,
+)
+from enclave_keys.epochs import EpochKeeper, RatchetPhase, slot_status
+from enclave_keys.errors import (
+    RatchetFailed,
+    Sealed,
+    StoreError,
+    UnknownEpoch,
+    UnwrapFailed,
+)
+from enclave_keys.ids import EpochNumber, KekVersion, RoundId
+from enclave_keys.master import MasterKeys
+from enclave_keys.store import LmdbStore, MemoryBacking, MemoryStore, Store
+from enclave_keys.store.api import PreparedBatch
+from enclave_keys.store.slots import SLOT_SIZE, MemorySlots, decode_slot
+
+ROOT = bytes(range(0x40, 0x60))
+WINDOW = 1.0
+E1, E2, E3 = EpochNumber(1), EpochNumber(2), EpochNumber(3)
+PHASES = ("slot_written", "keys_rewrapped", "old_slot_wiped")
+
+
+def image(backing: MemoryBacking) -> MemoryBacking:
+    """A copy of everything committed: what a crash at this instant leaves on disk."""
+    slots = MemorySlots()
+    for index in (0, 1):
+        slots.write(index, backing.slots.read(index))
+    return MemoryBacking(
+        events=list(backing.events),
+        round_keys=dict(backing.round_keys),
+        snapshots=dict(backing.snapshots),
+        meta=dict(backing.meta),
+        slots=slots,
+    )
+
+
+def recorder(images: dict[str, MemoryBacking], backing: MemoryBacking) -> RatchetPhase:
+    """A phase hook that takes a disk image at the first passage of every step."""
+
+    def record(name: str) -> None:
+        images.setdefault(name, image(backing))
+
+    return record
+
+
+def store_key(keeper: EpochKeeper, store: Store, name: str) -> RoundCipher:
+    """Make and store a round key the way the round cipher does; returns the live cipher."""
+    rid = RoundId(name)
+    cipher = RoundCipher.generate(rid)
+    with keeper.active_epoch() as epoch:
+        store.put_key(rid, wrap_round_key(epoch, cipher))
+    return cipher
+
+
+def readable(keeper: EpochKeeper, store: Store) -> dict[RoundId, bytes]:
+    """Round id -> key id of every stored key the keeper can open now."""
+    found = {}
+    for rid, blob in store.list_keys():
+        number, key_id = read_wrapped_header(blob)
+        try:
+            with keeper.epoch_for(number) as epoch, unwrap_round_key(epoch, rid, blob):
+                found[rid] = key_id.raw
+        except (UnknownEpoch, UnwrapFailed):
+            continue
+    return found
+
+
+def valid_slots(store: Store) -> list[int]:
+    return [s.epoch.number for s in slot_status(store) if s.epoch is not None]
+
+
+@dataclass
+class Bench:
+    """A keeper over a MemoryStore and a keyring, with a manual clock."""
+
+    backing: MemoryBacking
+    store: MemoryStore
+    ring: Keyring
+    clock: ManualClock
+    keeper: EpochKeeper
+
+    def reopen(self, backing: MemoryBacking | None = None) -> tuple[EpochKeeper, MemoryStore]:
+        store = MemoryStore(backing or self.backing)
+        keeper, _ = EpochKeeper.open(store, self.ring, clock=self.clock, window=WINDOW)
+        return keeper, store
+
+
+@pytest.fixture
+def bench() -> Iterator[Bench]:
+    backing = MemoryBacking()
+    store = MemoryStore(backing)
+    ring = Keyring.create()
+    clock = ManualClock()
+    keeper, recovery = EpochKeeper.open(store, ring, clock=clock, window=WINDOW)
+    assert recovery.created
+    assert recovery.epoch == E1
+    yield Bench(backing, store, ring, clock, keeper)
+    keeper.close()
+    ring.seal(0.0, force=True)
+
+
+# --- basics ----------------------------------------------------------------------------------
+
+
+def test_a_fresh_store_gets_epoch_1_in_slot_0(bench: Bench) -> None:
+    assert bench.keeper.epoch == E1
+    assert bench.keeper.kek_version == KekVersion(1)
+    states = slot_status(bench.store)
+    assert [(s.state, s.epoch, s.sequence) for s in states] == [
+        ("epoch", E1, 1),
+        ("empty", None, None),
+    ]
+
+
+def test_keys_wrap_under_the_current_epoch_only(bench: Bench) -> None:
+    with store_key(bench.keeper, bench.store, "a"):
+        pass
+    [(_, blob)] = bench.store.list_keys()
+    assert read_wrapped_header(blob)[0] == E1
+    with pytest.raises(UnknownEpoch), bench.keeper.epoch_for(E2):
+        pass
+
+
+def test_reopening_finds_the_same_epoch_and_every_key(bench: Bench) -> None:
+    for name in "abc":
+        store_key(bench.keeper, bench.store, name).wipe()
+    before = readable(bench.keeper, bench.store)
+    keeper, store = bench.reopen()
+    try:
+        assert keeper.epoch == E1
+        assert readable(keeper, store) == before
+    finally:
+        keeper.close()
+
+
+def test_the_repr_names_numbers_only(bench: Bench) -> None:
+    assert repr(bench.keeper) == "EpochKeeper(epoch=1, kek_version=1, slot=0)"
+    bench.keeper.close()
+    assert repr(bench.keeper) == "EpochKeeper(closed)"
+
+
+# --- the ratchet -----------------------------------------------------------------------------
+
+
+def test_a_ratchet_rewraps_live_keys_and_destroys_the_old_epoch(bench: Bench) -> None:
+    for name in "abcd":
+        store_key(bench.keeper, bench.store, name).wipe()
+    old_blobs = dict(bench.store.list_keys())
+    before = readable(bench.keeper, bench.store)
+    change = bench.keeper.ratchet("test")
+    assert (change.old_epoch, change.new_epoch, change.rewrapped) == (E1, E2, 4)
+    assert readable(bench.keeper, bench.store) == before, "every live key survives"
+    assert all(read_wrapped_header(b)[0] == E2 for _, b in bench.store.list_keys())
+    assert valid_slots(bench.store) == [2], "the old slot is wiped"
+    assert bench.backing.slots.read(0) == bytes(SLOT_SIZE)
+    for rid, blob in old_blobs.items():  # a lingering copy of an old blob opens no more
+        with pytest.raises(UnknownEpoch), bench.keeper.epoch_for(read_wrapped_header(blob)[0]):
+            pass
+        assert rid in before
+
+
+def test_slots_alternate_and_sequences_grow(bench: Bench) -> None:
+    seen = []
+    for _ in range(4):
+        bench.keeper.ratchet()
+        [slot] = [s for s in slot_status(bench.store) if s.state == "epoch"]
+        seen.append((slot.index, slot.sequence, slot.epoch))
+    assert seen == [(1, 2, E2), (0, 3, E3), (1, 4, EpochNumber(4)), (0, 5, EpochNumber(5))]
+    assert bench.keeper.changes == 4
+
+
+def test_a_purge_makes_a_ratchet_due_after_half_the_window(bench: Bench) -> None:
+    assert bench.keeper.ratchet_if_due(bench.clock.now()) is None
+    bench.keeper.purged()
+    bench.clock.advance(WINDOW / 2 - 0.01)
+    assert not bench.keeper.due(bench.clock.now())
+    assert bench.keeper.ratchet_if_due(bench.clock.now()) is None
+    bench.keeper.purged()  # a second purge joins the same batch
+    bench.clock.advance(0.01)
+    change = bench.keeper.ratchet_if_due(bench.clock.now())
+    assert change is not None
+    assert change.reason == "window"
+    assert bench.keeper.pending_since is None
+    assert bench.keeper.ratchet_pending() is None
+
+
+def test_ratchet_pending_ratchets_only_when_something_was_purged(bench: Bench) -> None:
+    assert bench.keeper.ratchet_pending() is None
+    bench.keeper.purged()
+    change = bench.keeper.ratchet_pending()
+    assert change is not None
+    assert change.new_epoch == E2
+
+
+def test_unreadable_blobs_do_not_hold_the_ratchet_back(bench: Bench) -> None:
+    store_key(bench.keeper, bench.store, "good").wipe()
+    blob = bytearray(dict(bench.store.list_keys())[RoundId("good")])
+    blob[-1] ^= 1
+    bench.store.put_key(RoundId("tampered"), bytes(blob))
+    change = bench.keeper.ratchet()
+    assert (change.rewrapped, change.skipped) == (1, 1)
+    assert list(readable(bench.keeper, bench.store)) == [RoundId("good")]
+
+
+class FailingStore(MemoryStore):
+    """Refuses the next write batch."""
+
+    fail = False
+
+    def _commit(self, batch: PreparedBatch) -> None:
+        if self.fail:
+            raise StoreError("disk full")
+        super()._commit(batch)
+
+
+def test_a_failed_ratchet_keeps_the_old_epoch_in_memory_and_on_disk() -> None:
+    backing = MemoryBacking()
+    store = FailingStore(backing)
+    ring = Keyring.create()
+    keeper, _ = EpochKeeper.open(store, ring, clock=ManualClock())
+    try:
+        store_key(keeper, store, "a").wipe()
+        before = readable(keeper, store)
+        store.fail = True
+        with pytest.raises(RatchetFailed):
+            keeper.ratchet()
+        assert keeper.epoch == E1
+        assert valid_slots(store) == [1], "the new slot is wiped again"
+        assert readable(keeper, store) == before
+        store.fail = False
+        assert keeper.ratchet().new_epoch == EpochNumber(3), "epoch numbers are never reused"
+    finally:
+        keeper.close()
+        ring.seal(0.0, force=True)
+
+
+# --- crash at every step --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_crash_at_any_step_of_a_ratchet_loses_no_live_key(bench: Bench, phase: str) -> None:
+    for name in "abcdef":
+        store_key(bench.keeper, bench.store, name).wipe()
+    before = readable(bench.keeper, bench.store)
+    images: dict[str, MemoryBacking] = {}
+    bench.keeper._phase_hook = recorder(images, bench.backing)
+    bench.keeper.ratchet()
+    crashed = images[phase]
+    if phase != "old_slot_wiped":
+        assert len(valid_slots(MemoryStore(crashed))) == 2, "both slots valid mid-change"
+    keeper, store = bench.reopen(crashed)
+    try:
+        assert keeper.epoch == E2, "recovery finishes the change"
+        assert readable(keeper, store) == before
+        assert valid_slots(store) == [2], "and wipes the stale slot"
+        assert all(read_wrapped_header(b)[0] == E2 for _, b in store.list_keys())
+    finally:
+        keeper.close()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_crash_at_any_step_of_a_kek_rotation_loses_no_live_key(phase: str) -> None:
+    backing = MemoryBacking()
+    store = MemoryStore(backing)
+    master = MasterKeys.initialise(store, SecretBytes.from_bytes(ROOT), "raw")
+    keeper, _ = EpochKeeper.open(store, master, clock=ManualClock())
+    images: dict[str, MemoryBacking] = {}
+    try:
+        for name in "abcd":
+            store_key(keeper, store, name).wipe()
+        before = readable(keeper, store)
+        keeper._phase_hook = recorder(images, backing)
+        rotation = keeper.rotate_kek(master)
+        assert (rotation.new_version, rotation.rewrapped) == (KekVersion(2), 4)
+        assert keeper.kek_version == KekVersion(2)
+    finally:
+        keeper.close()
+        master.seal(0.0, force=True)
+    crashed = MemoryStore(images[phase])
+    reopened = MasterKeys.open(crashed, SecretBytes.from_bytes(ROOT), "raw")
+    try:
+        keeper2, recovery = EpochKeeper.open(crashed, reopened, clock=ManualClock())
+        try:
+            assert readable(keeper2, crashed) == before
+            committed = phase != "slot_written"
+            assert reopened.active_version == KekVersion(2 if committed else 1)
+            assert keeper2.kek_version == reopened.active_version
+            assert keeper2.epoch == (E2 if committed else E1), "rolled forward or back"
+            assert len(valid_slots(crashed)) == 1
+            if phase != "old_slot_wiped":
+                assert recovery.wiped_slots, "the stale slot is wiped"
+        finally:
+            keeper2.close()
+    finally:
+        reopened.seal(0.0, force=True)
+
+
+def test_a_crash_before_the_rewrap_commits_is_rolled_forward(bench: Bench) -> None:
+    for name in "abc":
+        store_key(bench.keeper, bench.store, name).wipe()
+    images: dict[str, MemoryBacking] = {}
+    bench.keeper._phase_hook = recorder(images, bench.backing)
+    bench.keeper.ratchet()
+    keeper, store = bench.reopen(images["slot_written"])
+    try:
+        assert keeper.epoch == E2
+        assert readable(keeper, store).keys() == {RoundId(n) for n in "abc"}
+    finally:
+        keeper.close()
+
+
+# --- lost and damaged slots -------------------------------------------------------------------
+
+
+def test_a_corrupt_slot_is_wiped_at_open(bench: Bench) -> None:
+    bench.backing.slots.write(1, b"\xff" * SLOT_SIZE)
+    keeper, _store = bench.reopen()
+    try:
+        assert keeper.epoch == E1
+        assert bench.backing.slots.read(1) == bytes(SLOT_SIZE)
+    finally:
+        keeper.close()
+
+
+def test_lost_slots_leave_stored_keys_unreadable_and_start_a_new_epoch(bench: Bench) -> None:
+    store_key(bench.keeper, bench.store, "a").wipe()
+    bench.keeper.ratchet()  # stored blobs now name epoch 2
+    for index in (0, 1):
+        bench.backing.slots.write(index, bytes(SLOT_SIZE))
+    with capture_logs() as logs:
+        keeper, store = bench.reopen()
+    try:
+        assert keeper.epoch == E3, "a new number above every stored one"
+        assert readable(keeper, store) == {}
+        assert any(e["event"] == "epoch_keys_lost" for e in logs)
+    finally:
+        keeper.close()
+
+
+def test_a_slot_under_an_unknown_kek_version_is_wiped(bench: Bench) -> None:
+    other = Keyring.create().rotated()  # active v2: unknown to bench.ring
+    try:
+        stranger, _ = EpochKeeper.open(MemoryStore(), other, clock=bench.clock)
+        stranger.close()
+        raw = stranger._slots.read(0)
+    finally:
+        other.seal(0.0, force=True)
+    bench.backing.slots.write(1, raw)
+    assert decode_slot(raw) is not None
+    keeper, _ = bench.reopen()
+    try:
+        assert keeper.epoch == E1
+        assert bench.backing.slots.read(1) == bytes(SLOT_SIZE)
+    finally:
+        keeper.close()
+
+
+# --- close, timer, LMDB --------------------------------------------------------------------
+
+
+def test_close_wipes_the_epoch_key_and_refuses_use(bench: Bench) -> None:
+    with bench.keeper.active_epoch() as epoch:
+        pass
+    bench.keeper.close()
+    assert epoch.is_wiped
+    with pytest.raises(Sealed), bench.keeper.active_epoch():
+        pass
+    with bench.keeper.hold_ratchet():  # deletes still may proceed
+        pass
+
+
+def test_the_timer_ratchets_on_real_time_after_a_purge(bench: Bench) -> None:
+    keeper, _store = bench.reopen()
+    done = threading.Event()
+    keeper._phase_hook = lambda name: done.set() if name == "old_slot_wiped" else None
+    try:
+        keeper.start_timer()
+        keeper.start_timer()  # idempotent
+        assert not done.wait(0.05), "nothing purged, nothing to do"
+        keeper.purged()
+        assert done.wait(10.0), "the timer ratchets within the window"
+        assert keeper.changes == 1
+    finally:
+        keeper.close()
+    assert keeper._timer is None
+
+
+def test_the_keeper_works_over_lmdb_files(tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path))
+    ring = Keyring.create()
+    try:
+        with LmdbStore.open(path) as store:
+            keeper, _ = EpochKeeper.open(store, ring, clock=ManualClock())
+            store_key(keeper, store, "a").wipe()
+            keeper.ratchet()
+            keeper.close()
+        with LmdbStore.open(path) as store:
+            keeper, recovery = EpochKeeper.open(store, ring, clock=ManualClock())
+            try:
+                assert not recovery.created
+                assert keeper.epoch == E2
+                assert list(readable(keeper, store)) == [RoundId("a")]
+            finally:
+                keeper.close()
+    finally:
+        ring.seal(0.0, force=True)
