@@ -43,11 +43,11 @@ from enclave_keys.logfile import log_digest
 from enclave_keys.node import NodeConfig
 from enclave_keys.replay import LogState
 from enclave_keys.store import LmdbStore
-from simulations.checks import NODE_CHECKS, check_node
+from simulations.checks import NODE_CHECKS, check_forensics, check_node
 from simulations.config import SimConfig
 from simulations.faults import fault_hook
 from simulations.scenario import CLOCK_START, Action, Scenario, build
-from simulations.simnode import CoreHook, SecretLedger, SimNode, open_node
+from simulations.simnode import CoreHook, SecretLedger, SimNode, master_key, open_node
 
 MARKER = ".enclave-keys-simulation"
 ALL_CHECKS = (*LOG_CHECKS, *STORE_CHECKS, *NODE_CHECKS)
@@ -298,6 +298,11 @@ class Simulation:
             store = slot.node.store
             found = check_events(store.read_events(), scanner)
             found += check_store(slot.state, store, scanner=scanner)
+            # The clean stop and start before this ratcheted every node's epoch.
+            with master_key(self.config.seed, slot.index) as master:
+                found += check_forensics(
+                    slot.state, slot.path, master, kek_versions=slot.rotations + 1
+                )
             self._record(slot, found)
 
     # --- the result ------------------------------------------------------------------
