@@ -20,6 +20,8 @@ Example::
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from hypothesis import reject
@@ -37,13 +39,18 @@ from enclave_keys.events import (
     FieldSpec,
     FrozenStrMap,
     HandlerFailed,
+    RoundComplete,
+    RoundFailed,
     RoundRequested,
     RoundStage,
+    RoundStageChanged,
     StoredEvent,
 )
 from enclave_keys.ids import EventId, KekVersion, KeyId, RoundId
 
 __all__ = [
+    "RoundOutcome",
+    "RoundScript",
     "ciphertexts",
     "event_ids",
     "events",
@@ -56,10 +63,13 @@ __all__ = [
     "parameters",
     "qualified_names",
     "round_ids",
+    "round_outcomes",
     "round_requested",
+    "round_scripts",
     "round_stages",
     "sources",
     "stored_events",
+    "terminal_events",
     "timestamps",
 ]
 
@@ -250,3 +260,133 @@ def stored_events(
         source=sources(),
         payload=events() if payloads is None else payloads,
     )
+
+
+# --- round outcomes -----------------------------------------------------------------------
+
+
+class RoundOutcome(StrEnum):
+    """How a generated round's life ends (design §2)."""
+
+    COMPLETED = "completed"  # RoundComplete
+    TIMED_OUT = "timed_out"  # RoundFailed with a timeout reason: completion at once
+    FAILED = "failed"  # RoundFailed with an "other" reason: the router completes it
+    ACCUSED_THEN_COMPLETED = "accused_then_completed"  # misbehaviour, then RoundComplete
+    ACCUSED = "accused"  # misbehaviour only: stays live for the accusation phase
+    REAPED = "reaped"  # no terminal event: the deadline reaper ends it
+    LIVE = "live"  # nothing ends it (before its deadline)
+
+    @property
+    def ends_by_events(self) -> bool:
+        """True if the round's own events end it (no clock needed)."""
+        return self in _ENDED_BY_EVENTS
+
+
+_ENDED_BY_EVENTS = frozenset(
+    {
+        RoundOutcome.COMPLETED,
+        RoundOutcome.TIMED_OUT,
+        RoundOutcome.FAILED,
+        RoundOutcome.ACCUSED_THEN_COMPLETED,
+    }
+)
+_LIVE_STAGES = (
+    RoundStage.COMMITTEE_FORMATION,
+    RoundStage.KEY_GENERATION,
+    RoundStage.COMPUTE,
+    RoundStage.DECRYPTION,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundScript:
+    """The events of one generated round, in publish order, and how it should end.
+
+    ``events`` start with the ``RoundRequested``; for :attr:`RoundOutcome.REAPED` the round
+    ends only once the clock passes ``deadline`` plus the node's reaper grace and the node
+    ticks.
+    """
+
+    round_id: RoundId
+    deadline: float
+    outcome: RoundOutcome
+    events: tuple[Event, ...]
+
+    @property
+    def ends_by_events(self) -> bool:
+        return self.outcome.ends_by_events
+
+
+def round_outcomes() -> st.SearchStrategy[RoundOutcome]:
+    return st.sampled_from(RoundOutcome)
+
+
+def _reasons(kind: str) -> st.SearchStrategy[FailureReason]:
+    pool = [
+        reason
+        for reason in FailureReason
+        if (kind == "timeout" and reason.is_timeout)
+        or (kind == "misbehaviour" and reason.is_misbehaviour)
+        or (kind == "other" and not (reason.is_timeout or reason.is_misbehaviour))
+    ]
+    return st.sampled_from(pool)
+
+
+def terminal_events(round_id: RoundId) -> st.SearchStrategy[Event]:
+    """Events that end a round or arrive late after its end: ``RoundComplete``, any
+    ``RoundFailed`` and a stage change to ``complete`` or ``failed``."""
+    stages = st.sampled_from([RoundStage.COMPLETE, RoundStage.FAILED])
+    return st.one_of(
+        st.just(RoundComplete(round_id=round_id)),
+        st.builds(
+            RoundFailed,
+            round_id=st.just(round_id),
+            failed_at=round_stages(),
+            reason=failure_reasons(),
+        ),
+        st.builds(RoundStageChanged, round_id=st.just(round_id), stage=stages),
+    )
+
+
+@st.composite
+def round_scripts(
+    draw: st.DrawFn,
+    round_id: RoundId | None = None,
+    *,
+    now: float = 1_700_000_000.0,
+    outcomes: st.SearchStrategy[RoundOutcome] | None = None,
+) -> RoundScript:
+    """One round's life: request, stage changes, then what ends it (see
+    :class:`RoundOutcome`). ``now`` is the clock reading the deadline is drawn after;
+    ``round_id`` is drawn if not given."""
+    rid = draw(round_ids()) if round_id is None else round_id
+    outcome = draw(round_outcomes() if outcomes is None else outcomes)
+    deadline = now + draw(st.integers(1, 7 * 24 * 3600))
+    committee = draw(st.integers(1, 16))
+    events: list[Event] = [
+        RoundRequested(
+            round_id=rid,
+            deadline=float(deadline),
+            threshold=draw(st.integers(1, committee)),
+            committee_size=committee,
+        )
+    ]
+    stages = draw(st.lists(st.sampled_from(_LIVE_STAGES), max_size=4))
+    events.extend(RoundStageChanged(round_id=rid, stage=stage) for stage in stages)
+    last = stages[-1] if stages else RoundStage.REQUESTED
+
+    def failed(kind: str) -> RoundFailed:
+        return RoundFailed(round_id=rid, failed_at=last, reason=draw(_reasons(kind)))
+
+    if outcome in (RoundOutcome.ACCUSED, RoundOutcome.ACCUSED_THEN_COMPLETED):
+        events.append(failed("misbehaviour"))
+    if outcome in (RoundOutcome.COMPLETED, RoundOutcome.ACCUSED_THEN_COMPLETED):
+        events.append(RoundComplete(round_id=rid))
+    elif outcome is RoundOutcome.TIMED_OUT:
+        events.append(failed("timeout"))
+    elif outcome is RoundOutcome.FAILED:
+        events.append(failed("other"))
+    if outcome.ends_by_events:
+        # Late terminal events after the end change nothing.
+        events.extend(draw(st.lists(terminal_events(rid), max_size=2)))
+    return RoundScript(rid, float(deadline), outcome, tuple(events))

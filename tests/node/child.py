@@ -8,6 +8,7 @@ arrive on a daemon thread through a queue, so every wait for one is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import subprocess
@@ -30,6 +31,7 @@ class ChildProcess:
     """``python -m module args``, fed the master key through a pipe, stdout lines queued.
 
     The child's stderr is appended to ``stderr``; ``env`` (if given) replaces the environment.
+    With ``interactive`` the child's stdin is a pipe: write lines to it with :meth:`send`.
     """
 
     def __init__(
@@ -39,6 +41,8 @@ class ChildProcess:
         master: SecretBytes,
         stderr: Path,
         env: Mapping[str, str] | None = None,
+        *,
+        interactive: bool = False,
     ) -> None:
         self.stderr_path = stderr
         read_end, write_end = os.pipe()
@@ -49,7 +53,7 @@ class ChildProcess:
                     [sys.executable, "-m", module, *argv],
                     cwd=REPO,
                     env=env,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=err,
                     pass_fds=(read_end,),
@@ -92,6 +96,12 @@ class ChildProcess:
         self._reader.join(WAIT)
         return found
 
+    def send(self, line: str) -> None:
+        """Write one line to the child's stdin (an ``interactive`` child only)."""
+        assert self.proc.stdin is not None, "not an interactive child"
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
     def wait(self, timeout: float) -> int | None:
         """The exit code, or None if the child did not exit within ``timeout`` seconds."""
         try:
@@ -108,6 +118,9 @@ class ChildProcess:
         return self.stderr_path.read_text()[-chars:]
 
     def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=WAIT)

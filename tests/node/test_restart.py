@@ -1,18 +1,14 @@
-"""Restart and recovery (design §3): clean stops, in-process crashes, the states a crash
-can leave in the store, and real SIGKILLs of a node running in a child process."""
+"""Restart and recovery (design §3): clean stops, in-process crashes and the states a crash
+can leave in the store. Real SIGKILLs: tests/node/test_crash_campaign.py."""
 
 from __future__ import annotations
 
-import random
-import signal
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from enclave_keys.crypto import SecretBytes
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareRequested,
@@ -33,15 +29,12 @@ from enclave_keys.ids import EventId, RoundId
 from enclave_keys.keyshare import DECRYPTION_SHARE_PURPOSE, KeyshareCore, derive_decryption_share
 from enclave_keys.node import Node
 from enclave_keys.store import LmdbStore
-from tests.node.child import KEY_FD, ChildProcess
 from tests.node.conftest import (
     FAR,
     T0,
-    WAIT,
     NodeFactory,
     failures_of,
     keyshare_ciphertexts,
-    leased_cipher,
     log_of,
     of_type,
     open_keyshare,
@@ -325,152 +318,5 @@ def test_event_ids_stay_unique_across_restarts(nodes: NodeFactory) -> None:
     assert len(ids) == len(set(ids)), "event ids repeat in the log"
 
 
-# --- SIGKILL ----------------------------------------------------------------------------
-
-
-KILL_POINTS = 6
-KILL_SEED = 4_711
-
-
-def crash_child(
-    data_dir: Path, master: SecretBytes, seed: int, prefix: str, err: Path
-) -> ChildProcess:
-    """A ``crash_child`` process, publishing at random and printing what became durable."""
-    args = [str(data_dir), KEY_FD, str(seed), prefix]
-    return ChildProcess("tests.node.crash_child", args, master, err)
-
-
-@dataclass
-class Claims:
-    """What the children reported as durable (each line follows a returned publish)."""
-
-    requested: set[RoundId] = field(default_factory=set)
-    completed: set[RoundId] = field(default_factory=set)
-    failed: set[RoundId] = field(default_factory=set)
-
-    def add(self, line: str) -> None:
-        word, *rest = line.split()
-        target = {"requested": self.requested, "completed": self.completed, "failed": self.failed}
-        if word in target:
-            target[word].add(RoundId(rest[0]))
-
-
-@dataclass
-class Stats:
-    kills: int = 0
-    rounds: int = 0
-    hydrated: int = 0
-    purged: int = 0
-    failed_unkeyed: int = 0
-    reannounced: int = 0
-
-
-@pytest.fixture
-def child_stderr(tmp_path: Path) -> Path:
-    return tmp_path / "child-stderr.log"
-
-
-def inspect_log(data_dir: Path) -> tuple[list[StoredEvent], set[RoundId]]:
-    """The whole log (it must decode end to end) and the rounds with a stored key."""
-    with LmdbStore.open(data_dir) as store:
-        events = list(store.read_events())
-        keyed = {r for r, _ in store.list_keys()}
-    assert [s.sequence for s in events] == list(range(1, len(events) + 1))
-    assert len({s.event_id for s in events}) == len(events), "event ids repeat"
-    return events, keyed
-
-
-def check_after_kill(
-    node: Node, before: list[StoredEvent], keys_before: set[RoundId], claims: Claims, stats: Stats
-) -> None:
-    """What must hold once recovery has run on what a SIGKILL left behind."""
-    requested = {p.round_id for p in of_type(before, RoundRequested)}
-    completed = {p.round_id for p in of_type(before, RoundComplete)}
-    announced = {p.round_id for p in of_type(before, RoundKeyReady)}
-    # Durability: whatever a child saw published is in the log.
-    assert claims.requested <= requested
-    assert claims.completed <= completed
-    assert claims.failed <= {p.round_id for p in of_type(before, RoundFailed)}
-
-    report = node.recovery
-    failed = set(report.failed)
-    open_rounds = node.router.open_rounds()
-    live = set(open_rounds) - failed
-    # Recovery failed only rounds the log shows live that were killed between opening
-    # and keying: no stored key, never announced; clearly, with key_missing_after_restart.
-    assert failed <= requested - completed - keys_before - announced
-    for r in failed:
-        assert FailureReason.KEY_MISSING_AFTER_RESTART in failures_of(node.store, r)
-        assert node.store.get_key(r) is None
-        assert leased_cipher(node, r) is None
-    # Every other round the log shows live is live, with its key, cipher and keyshare.
-    assert live == requested - completed - failed
-    for r in live:
-        assert node.store.get_key(r) is not None, f"live round {r} lost its key"
-        share = node.keyshare.keyshare_of(r)
-        assert share is not None, f"live round {r} has no keyshare"
-        assert len(open_keyshare(node, r, share[1])) == 32
-    # No key of a completed (or otherwise not live) round exists: leftovers were purged.
-    assert {r for r, _ in node.store.list_keys()} == live
-    assert set(report.purged) == keys_before - live
-    assert not completed & set(open_rounds)
-    # A round whose end was decided before the kill (a timeout logged, its RoundComplete
-    # not yet) is finished by recovery: none may stay "ending" after a restart.
-    stuck = {r for r, state in open_rounds.items() if state.ending}
-    assert not stuck, f"rounds left ending after recovery: {sorted(stuck)[:5]}"
-
-    stats.rounds = len(requested)
-    stats.hydrated += len(report.hydrated)
-    stats.purged += len(report.purged)
-    stats.failed_unkeyed += len(report.failed)
-    stats.reannounced += len(report.reannounced)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("runtime", ["pykka"])
-def test_sigkill_at_random_points_loses_no_live_key_and_keeps_no_ended_one(
-    nodes: NodeFactory,
-    data_dir: Path,
-    child_stderr: Path,
-    record_testsuite_property: Callable[[str, object], None],
-) -> None:
-    rng = random.Random(KILL_SEED)
-    claims = Claims()
-    stats = Stats()
-    for kill in range(KILL_POINTS):
-        lines_before_kill = rng.randint(1, 150)
-        child = crash_child(data_dir, nodes.master, rng.randrange(2**32), f"k{kill}", child_stderr)
-        try:
-            deadline = time.monotonic() + WAIT
-            for _ in range(lines_before_kill):
-                line = child.next_line(deadline)
-                assert line != "done"
-                claims.add(line)
-            assert child.kill() == -signal.SIGKILL
-            for line in child.rest():  # what it wrote before dying
-                claims.add(line)
-        except AssertionError as exc:
-            raise AssertionError(
-                f"{exc}\nchild stderr:\n{child_stderr.read_text()[-3000:]}"
-            ) from exc
-        finally:
-            child.close()
-        stats.kills += 1
-
-        before, keys_before = inspect_log(data_dir)
-        node = nodes.open()
-        check_after_kill(node, before, keys_before, claims, stats)
-        node.stop()
-
-    # The last state, once more: past every deadline the reaper ends every round.
-    node = nodes.open()
-    nodes.clock.set(T0 + 10_000)
-    node.tick()
-    settle(node)
-    assert node.router.open_rounds() == {}
-    assert node.store.list_keys() == []
-    assert stats.kills == KILL_POINTS
-    for name, value in vars(stats).items():
-        record_testsuite_property(
-            f"sigkill_{name}", len(value) if isinstance(value, set) else value
-        )
+# The SIGKILL crash campaign (a node in a child process, killed at random points) is in
+# tests/node/test_crash_campaign.py.
