@@ -159,7 +159,12 @@ class KeyshareCore:
         event = stored.payload
         if isinstance(event, KeyshareCreated) and stored.source == self.name:
             self._shares[event.round_id] = (event.key_id, event.ciphertext)
-        elif isinstance(event, RoundPurged | RoundComplete):
+        elif isinstance(event, RoundPurged):
+            self._forget(event.round_id)
+        elif isinstance(event, RoundComplete) and event.round_id in self._shares:
+            # Only a round this core knows: a stray RoundComplete (for a round id nobody
+            # requested yet) must not refuse the shares of a later round of that id. A
+            # keyed round without a share is forgotten by its RoundPurged.
             self._forget(event.round_id)
 
     def _forget(self, rid: RoundId) -> None:

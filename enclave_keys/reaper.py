@@ -24,6 +24,7 @@ from enclave_keys.events import (
     RoundComplete,
     RoundFailed,
     RoundOpened,
+    RoundRequested,
     RoundStage,
     RoundStageChanged,
     StoredEvent,
@@ -37,7 +38,7 @@ _log = structlog.get_logger(__name__)
 DEFAULT_GRACE: Final = 30.0
 """Seconds past a round's deadline before the reaper fails it."""
 
-_SNAPSHOT_VERSION: Final = 1
+_SNAPSHOT_VERSION: Final = 2  # 2: "requested" rounds
 
 
 @dataclass(slots=True)
@@ -60,6 +61,7 @@ class ReaperCore:
 
     name: Final = "reaper"
     subscriptions: Final[tuple[type[Event], ...]] = (
+        RoundRequested,
         RoundOpened,
         RoundStageChanged,
         RoundFailed,
@@ -74,6 +76,9 @@ class ReaperCore:
         # A RoundComplete can precede the round's RoundOpened in the log (both published
         # around one request): such a round must never be tracked, let alone reaped.
         self._completed = RecentRounds(horizon)
+        # Only a RoundComplete for a round requested before it counts: a stray one must
+        # not keep a later request of the same id from being tracked.
+        self._requested = RecentRounds(horizon)
 
     @property
     def grace(self) -> float:
@@ -95,13 +100,17 @@ class ReaperCore:
         not fail it a second time.
         """
         event = stored.payload
+        if isinstance(event, RoundRequested):
+            self._requested.add(event.round_id)
+            return
         if isinstance(event, RoundOpened):
             if event.round_id not in self._rounds and event.round_id not in self._completed:
                 self._rounds[event.round_id] = TrackedRound(event.deadline)
             return
         rid = event.round_id_or_none
         if rid is not None and isinstance(event, RoundComplete):
-            self._completed.add(rid)
+            if rid in self._requested or rid in self._rounds:
+                self._completed.add(rid)
             self._rounds.pop(rid, None)
             return
         tracked = None if rid is None else self._rounds.get(rid)
@@ -157,6 +166,7 @@ class ReaperCore:
                 for rid, t in sorted(self._rounds.items())
             ],
             "completed": [rid.value for rid in self._completed],
+            "requested": [rid.value for rid in self._requested],
         }
 
     def restore_state(self, state: object) -> None:
@@ -165,6 +175,9 @@ class ReaperCore:
         reader = StateReader("reaper snapshot", state, version=_SNAPSHOT_VERSION)
         completed = RecentRounds(
             self._completed.horizon, map(reader.round_id, reader.items("completed"))
+        )
+        requested = RecentRounds(
+            self._requested.horizon, map(reader.round_id, reader.items("requested"))
         )
         self._rounds = reader.unique(
             (
@@ -178,6 +191,7 @@ class ReaperCore:
             for item in map(reader.map, reader.items("rounds"))
         )
         self._completed = completed
+        self._requested = requested
 
     def __repr__(self) -> str:
         return f"ReaperCore(tracked={len(self._rounds)}, grace={self._grace})"

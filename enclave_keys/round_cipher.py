@@ -49,6 +49,7 @@ from enclave_keys.events import (
     RoundKeyReady,
     RoundOpened,
     RoundPurged,
+    RoundRequested,
     RoundStage,
     StoredEvent,
 )
@@ -223,7 +224,7 @@ class RoundCipherCore:
     """
 
     name: Final = "round-cipher"
-    subscriptions: Final[tuple[type[Event], ...]] = (RoundOpened, RoundComplete)
+    subscriptions: Final[tuple[type[Event], ...]] = (RoundRequested, RoundOpened, RoundComplete)
 
     def __init__(
         self,
@@ -252,6 +253,10 @@ class RoundCipherCore:
         # context only after this core handled a RoundOpened that the log orders after
         # the round's RoundComplete: the log order is what counts, never key such a round.
         self._completed = RecentRounds(horizon)
+        # Rounds requested so far: a RoundComplete counts only for a round requested
+        # before it. A stray one (for a round nobody requested yet) must not stop a
+        # later request of that id from being keyed.
+        self._requested = RecentRounds(horizon)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -269,13 +274,17 @@ class RoundCipherCore:
 
     def handle(self, stored: StoredEvent) -> Sequence[Event]:
         event = stored.payload
+        if isinstance(event, RoundRequested):
+            self._requested.add(event.round_id)
+            return ()
         if isinstance(event, RoundOpened):
             if event.round_id in self._completed:
                 _log.debug("round_key_not_needed", why="completed", round_id=event.round_id.value)
                 return ()
             return self._create(event.round_id)
         if isinstance(event, RoundComplete):
-            self._completed.add(event.round_id)
+            if event.round_id in self._requested or self.cipher_of(event.round_id) is not None:
+                self._completed.add(event.round_id)
             purged = self._purge(event.round_id)
             return () if purged is None else (purged,)
         return ()

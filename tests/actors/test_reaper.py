@@ -10,6 +10,7 @@ from enclave_keys.events import (
     RoundComplete,
     RoundFailed,
     RoundOpened,
+    RoundRequested,
     RoundStage,
     RoundStageChanged,
 )
@@ -119,18 +120,20 @@ def test_other_failures_do_not_count_as_fired(reaper: ReaperCore, clock: ManualC
 
 
 def test_snapshot_round_trips_through_msgpack(reaper: ReaperCore, clock: ManualClock) -> None:
+    reaper.handle(stored(requested(RoundId("b"))))
     reaper.handle(stored(RoundOpened(round_id=RoundId("b"), deadline=DEADLINE + 1000)))
     reaper.handle(stored(RoundStageChanged(round_id=RoundId("b"), stage=RoundStage.COMPUTE)))
     clock.set(DEADLINE + GRACE + 1)
     reaper.tick(clock.now())
     snapshot = reaper.snapshot_state()
     assert snapshot == {
-        "version": 1,
+        "version": 2,
         "rounds": [
             {"round_id": "b", "deadline": DEADLINE + 1000, "stage": "compute", "fired": False},
             {"round_id": "e3:1", "deadline": DEADLINE, "stage": "requested", "fired": True},
         ],
         "completed": [],
+        "requested": ["b"],
     }
     restored = ReaperCore(grace=GRACE)
     restored.restore_state(msgpack.unpackb(msgpack.packb(snapshot), raw=False))
@@ -138,9 +141,15 @@ def test_snapshot_round_trips_through_msgpack(reaper: ReaperCore, clock: ManualC
     assert restored.tick(clock.now()) == []
 
 
+def requested(rid: RoundId) -> RoundRequested:
+    return RoundRequested(round_id=rid, deadline=DEADLINE, threshold=1, committee_size=1)
+
+
 def test_a_round_completed_before_it_was_opened_is_never_tracked(clock: ManualClock) -> None:
+    """Requested, then completed, then (the router's) opened: the log order decides."""
     reaper = ReaperCore(grace=GRACE)
     rid = RoundId("e3:cancelled")
+    reaper.handle(stored(requested(rid)))
     reaper.handle(stored(RoundComplete(round_id=rid)))
     reaper.handle(stored(RoundOpened(round_id=rid, deadline=DEADLINE)))
     assert rid not in reaper.tracked()
@@ -150,6 +159,20 @@ def test_a_round_completed_before_it_was_opened_is_never_tracked(clock: ManualCl
     restored.restore_state(msgpack.unpackb(msgpack.packb(reaper.snapshot_state()), raw=False))
     restored.handle(stored(RoundOpened(round_id=rid, deadline=DEADLINE)))
     assert rid not in restored.tracked()
+
+
+def test_a_stray_complete_before_the_request_does_not_stop_tracking(clock: ManualClock) -> None:
+    """A RoundComplete for a round nobody has requested yet is not that round's end."""
+    reaper = ReaperCore(grace=GRACE)
+    rid = RoundId("e3:stray")
+    reaper.handle(stored(RoundComplete(round_id=rid)))
+    reaper.handle(stored(requested(rid)))
+    reaper.handle(stored(RoundOpened(round_id=rid, deadline=DEADLINE)))
+    assert rid in reaper.tracked()
+    clock.set(DEADLINE + GRACE + 1)
+    (fired,) = reaper.tick(clock.now())
+    assert isinstance(fired, RoundFailed)
+    assert fired.round_id == rid
 
 
 GOOD = {"round_id": "a", "deadline": T0, "stage": "compute", "fired": False}

@@ -37,6 +37,7 @@ from enclave_keys.events import (
     RoundKeyReady,
     RoundOpened,
     RoundPurged,
+    RoundRequested,
     RoundStage,
 )
 from enclave_keys.handler import Handler
@@ -111,6 +112,10 @@ def core(store: Store, keeper: EpochKeeper, registry: ContextRegistry) -> Iterat
     made.wipe_all()
 
 
+def requested(round_id: RoundId = R) -> RoundRequested:
+    return RoundRequested(round_id=round_id, deadline=T0 + 600, threshold=1, committee_size=1)
+
+
 def opened(round_id: RoundId = R) -> RoundOpened:
     return RoundOpened(round_id=round_id, deadline=T0 + 600)
 
@@ -132,10 +137,10 @@ def cipher_in(registry: ContextRegistry, round_id: RoundId = R) -> LeasedRoundCi
 # --- creation ---------------------------------------------------------------------------
 
 
-def test_core_is_a_handler_of_opened_and_complete(core: RoundCipherCore) -> None:
+def test_core_is_a_handler_of_requested_opened_and_complete(core: RoundCipherCore) -> None:
     assert isinstance(core, Handler)
     assert core.name == "round-cipher"
-    assert core.subscriptions == (RoundOpened, RoundComplete)
+    assert core.subscriptions == (RoundRequested, RoundOpened, RoundComplete)
 
 
 def test_round_opened_creates_stores_and_contexts_the_key(
@@ -209,10 +214,23 @@ def test_no_key_for_a_round_the_log_completed_before_it_opened(
 ) -> None:
     # On threads the router may not have closed the context yet: the log order decides.
     registry.open(R)
+    assert core.handle(stored(requested())) == ()
     assert core.handle(stored(RoundComplete(round_id=R))) == ()
     assert core.handle(stored(opened())) == ()
     assert store.get_key(R) is None
     assert core.cipher_of(R) is None
+
+
+def test_a_stray_complete_before_the_request_does_not_stop_the_key(
+    core: RoundCipherCore, store: Store, registry: ContextRegistry
+) -> None:
+    """A RoundComplete for a round nobody requested yet is not that round's end."""
+    assert core.handle(stored(RoundComplete(round_id=R))) == ()
+    core.handle(stored(requested()))
+    ready = key_round(core, registry)
+    assert store.get_key(R) is not None
+    assert core.cipher_of(R) is not None
+    assert ready.round_id == R
 
 
 def test_no_key_for_a_round_whose_context_is_gone(core: RoundCipherCore, store: Store) -> None:

@@ -103,15 +103,9 @@ def test_a_planted_purge_fault_is_found_and_shrunk_to_a_short_example() -> None:
     replace("planted fault", shrunk_steps=len(steps))
 
 
-# --- a bug the machine found ----------------------------------------------------------------
+# --- a bug the machine found (fixed): a stray RoundComplete poisoned the round id ------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a RoundComplete for a round never requested poisons that round id in"
-    " the round-cipher and reaper cores; a later request opens a live round that is never"
-    " keyed and never reaped (until a restart fails it with key_missing_after_restart)",
-)
 def test_a_stray_complete_before_the_request_does_not_leave_a_live_round_without_key(
     tmp_path: Path,
 ) -> None:
@@ -140,7 +134,6 @@ class StrayCompletes(NodeStateMachine):
     stray_complete_before_request = True
 
 
-@pytest.mark.xfail(strict=True, reason="the stray-RoundComplete bug above; flip the default")
 def test_the_machine_with_stray_completes_enabled() -> None:
     run_state_machine_as_test(
         StrayCompletes,
