@@ -34,6 +34,7 @@ from enclave_keys.context import ContextRegistry, DependencyKey
 from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
 from enclave_keys.crypto import (
     Entropy,
+    EpochKey,
     EpochSource,
     RoundCipher,
     read_wrapped_header,
@@ -394,25 +395,32 @@ class RoundCipherCore:
     def hydrate(self, live_rounds: Collection[RoundId]) -> HydrationReport:
         """Put the stored key of every live round back into its context (node start).
 
-        Each blob is unwrapped under ``epochs.epoch_for(the epoch it names)``. Keys of
-        rounds that are not live are reported as orphans and left in the store for the
-        node's recovery sweep (:meth:`purge_orphan`). Run it before a ratchet can start.
+        Each blob is unwrapped under the current epoch key, held under one lease for the
+        whole pass; a blob naming any other epoch names a destroyed one. Keys of rounds
+        that are not live are reported as orphans and left in the store for the node's
+        recovery sweep (:meth:`purge_orphan`).
         """
         live = set(live_rounds)
         hydrated: list[RoundId] = []
         orphans: list[RoundId] = []
         failed: list[HydrationFailure] = []
-        for rid, blob in self._store.list_keys():
-            if rid not in live:
-                orphans.append(rid)
-            elif self.cipher_of(rid) is not None:
-                hydrated.append(rid)
-            else:
-                problem = self._hydrate_one(rid, blob)
-                if problem is None:
+        with ExitStack() as lease:
+            try:
+                epoch: EpochKey | None = lease.enter_context(self._epochs.active_epoch())
+            except Exception as exc:
+                _log.error("round_key_hydration_no_epoch", error_type=type(exc).__qualname__)
+                epoch = None
+            for rid, blob in self._store.list_keys():
+                if rid not in live:
+                    orphans.append(rid)
+                elif self.cipher_of(rid) is not None:
                     hydrated.append(rid)
                 else:
-                    failed.append(problem)
+                    problem = self._hydrate_one(rid, blob, epoch)
+                    if problem is None:
+                        hydrated.append(rid)
+                    else:
+                        failed.append(problem)
         have_key = set(hydrated) | {f.round_id for f in failed}
         report = HydrationReport(
             hydrated=tuple(sorted(hydrated)),
@@ -429,22 +437,19 @@ class RoundCipherCore:
         )
         return report
 
-    def _hydrate_one(self, rid: RoundId, blob: bytes) -> HydrationFailure | None:
+    def _hydrate_one(
+        self, rid: RoundId, blob: bytes, epoch: EpochKey | None
+    ) -> HydrationFailure | None:
         try:
             number, key_id = read_wrapped_header(blob)
         except UnwrapFailed:
             return self._hydration_failed(rid, HydrationProblem.MALFORMED_BLOB)
-        with ExitStack() as lease:
-            try:
-                epoch = lease.enter_context(self._epochs.epoch_for(number))
-            except Exception:
-                return self._hydration_failed(
-                    rid, HydrationProblem.EPOCH_UNAVAILABLE, key_id, number
-                )
-            try:
-                cipher = unwrap_round_key(epoch, rid, blob, entropy=self._entropy)
-            except UnwrapFailed:
-                return self._hydration_failed(rid, HydrationProblem.UNWRAP_FAILED, key_id, number)
+        if epoch is None or number != epoch.number:
+            return self._hydration_failed(rid, HydrationProblem.EPOCH_UNAVAILABLE, key_id, number)
+        try:
+            cipher = unwrap_round_key(epoch, rid, blob, entropy=self._entropy)
+        except UnwrapFailed:
+            return self._hydration_failed(rid, HydrationProblem.UNWRAP_FAILED, key_id, number)
         leased = LeasedRoundCipher(cipher)
         try:
             self._registry.open(rid).put(ROUND_CIPHER, leased)

@@ -440,7 +440,7 @@ def test_another_epoch_key_cannot_unwrap(
 
 
 class RecordingEpochs:
-    """An epoch keeper as the epoch source, remembering which epochs were asked for."""
+    """An epoch keeper as the epoch source, remembering which epochs were lent."""
 
     def __init__(self, keeper: EpochKeeper) -> None:
         self.keeper = keeper
@@ -451,6 +451,7 @@ class RecordingEpochs:
         return self.keeper.kek_version
 
     def active_epoch(self) -> AbstractContextManager[EpochKey]:
+        self.numbers.append(self.keeper.epoch)
         return self.keeper.active_epoch()
 
     def epoch_for(self, number: EpochNumber) -> AbstractContextManager[EpochKey]:
@@ -499,7 +500,7 @@ def test_hydrate_restores_the_same_key_after_a_ratchet_and_a_restart(
         report = restarted.hydrate([R])
         assert report.hydrated == (R,)
         assert report.ok
-        assert source.numbers == [EpochNumber(2)]
+        assert source.numbers == [EpochNumber(2)], "one lease for the whole hydration"
         leased = cipher_in(new_registry)
         assert leased.key_id == ready.key_id
         with leased.lease() as cipher:
