@@ -44,12 +44,14 @@ def frame(*fields: bytes) -> bytes:
 class AeadKeyHolder(NoCopy):
     """Owns one 32-byte key and the single ``AESGCM`` object built from it.
 
-    Building an ``AESGCM`` costs more than sealing a kilobyte, so it is built once.
-    ``AESGCM`` keeps its own copy of the key inside OpenSSL, which we cannot wipe: we
-    can only drop the object (on :meth:`wipe`) so that OpenSSL frees it.
+    Building an ``AESGCM`` costs more than sealing a kilobyte, so it is built once — on
+    first use, not at construction: a node hydrating 100,000 round keys at start builds
+    none until a round is used, which also keeps OpenSSL's copy of an unused key out of
+    memory. ``AESGCM`` keeps its own copy of the key inside OpenSSL, which we cannot
+    wipe: we can only drop the object (on :meth:`wipe`) so that OpenSSL frees it.
     """
 
-    __slots__ = ("_aead", "_entropy", "_holder_lock", "_key")
+    __slots__ = ("_aead", "_entropy", "_holder_lock", "_key", "_wiped")
 
     KIND: ClassVar[str] = "key"
 
@@ -58,22 +60,30 @@ class AeadKeyHolder(NoCopy):
         if not isinstance(key, SecretBytes):
             raise TypeError(f"a {self.KIND} must be given as SecretBytes")
         try:
+            if key.is_wiped:
+                raise SecretWiped(f"a {self.KIND} cannot be built from a wiped secret")
             if len(key) != KEY_SIZE:
                 raise InvalidKeyMaterial(f"a {self.KIND} must be {KEY_SIZE} bytes, not {len(key)}")
-            with key.borrow() as view:
-                self._aead: AESGCM | None = AESGCM(view)
         except BaseException:
             key.wipe()
             raise
+        self._aead: AESGCM | None = None
+        self._wiped = False
         self._key = key
         self._entropy = entropy
         self._holder_lock = threading.Lock()
 
     def _live_aead(self) -> AESGCM:
         aead = self._aead
-        if aead is None:
-            raise SecretWiped(f"{self!r} was used after it was wiped")
-        return aead
+        if aead is not None:
+            return aead
+        with self._holder_lock:
+            if self._wiped:
+                raise SecretWiped(f"{self!r} was used after it was wiped")
+            if self._aead is None:
+                with self._key.borrow() as view:
+                    self._aead = AESGCM(view)
+            return self._aead
 
     def _nonce(self) -> bytes:
         return random_bytes(NONCE_SIZE, self._entropy)
@@ -81,17 +91,19 @@ class AeadKeyHolder(NoCopy):
     @contextmanager
     def _borrow_key(self) -> Iterator[memoryview]:
         """The raw key, for the key wrap in this package only."""
-        self._live_aead()
+        if self._wiped:
+            raise SecretWiped(f"{self!r} was used after it was wiped")
         with self._key.borrow() as view:
             yield view
 
     @property
     def is_wiped(self) -> bool:
-        return self._aead is None
+        return self._wiped
 
     def wipe(self) -> None:
         """Zero the key memory and drop the ``AESGCM`` object. Idempotent, thread-safe."""
         with self._holder_lock:
+            self._wiped = True
             self._aead = None
             self._key.wipe()
 
