@@ -1,13 +1,23 @@
 """Wipeable key memory: :class:`SecretBytes`.
 
-Key bytes live in their own page-aligned anonymous mapping (``mmap``), locked into RAM
-with ``mlock`` so they are never written to swap, and marked ``MADV_DONTDUMP`` so they
-are left out of core dumps. :meth:`SecretBytes.wipe` overwrites the whole mapping with
-zeros, then unlocks and unmaps it.
+Key bytes live in private anonymous memory (``mmap``), locked into RAM with ``mlock`` so
+they are never written to swap, and marked ``MADV_DONTDUMP`` so they are left out of core
+dumps:
+
+* a secret of at most :data:`SLOT_SIZE` (64) bytes takes one slot of a process-wide
+  *arena*: chunks of :data:`CHUNK_SIZE` (64 KiB, 1,024 slots), each mapped, marked and
+  locked once. :meth:`SecretBytes.wipe` zeroes the whole slot, and the slot goes back to
+  the free list (already zero, so every slot handed out is zero). Chunks are never
+  unmapped: a node's key count rises and falls, and keeping the pages avoids re-paying
+  ``mmap`` + ``mlock`` and holding locked pages that are half free;
+* a larger secret keeps a page-aligned mapping of its own, which ``wipe`` zeroes, then
+  unlocks and unmaps.
 
 If ``mlock`` is refused (``RLIMIT_MEMLOCK`` too low, no ``CAP_IPC_LOCK``, a platform
 without it) the secret still works, unlocked, and the process logs one structured
 ``secret_memory_not_locked`` warning.
+
+Do not ``fork`` a process holding secrets: the child gets a copy of every chunk.
 
 What this cannot do: Python and OpenSSL make copies we cannot reach. An immutable
 ``bytes`` a key came from, anything a caller copies out of a borrowed view, and the key
@@ -23,6 +33,7 @@ import errno
 import hmac
 import mmap
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NoReturn, Self
@@ -31,7 +42,7 @@ import structlog
 
 from enclave_keys.errors import InvalidKeyMaterial, SecretWiped
 
-__all__ = ["Entropy", "NoCopy", "SecretBytes"]
+__all__ = ["CHUNK_SIZE", "SLOT_SIZE", "Entropy", "NoCopy", "SecretBytes"]
 
 _log = structlog.get_logger(__name__)
 
@@ -112,14 +123,100 @@ def _lock_pages(address: int, length: int, size: int) -> bool:
     return False
 
 
-def _release(mapping: mmap.mmap, address: int, locked: bool) -> None:
-    """Unlock and unmap a mapping that has already been zeroed."""
+SLOT_SIZE = 64
+"""Secrets of at most this many bytes share arena chunks, one slot each."""
+
+CHUNK_SIZE = 64 * 1024
+"""Bytes per arena chunk (a multiple of the page size): 1,024 slots."""
+
+_SLOTS_PER_CHUNK = CHUNK_SIZE // SLOT_SIZE
+_SLOT_ARRAYS = [ctypes.c_ubyte * n for n in range(SLOT_SIZE + 1)]
+_ZERO_SLOT = bytes(SLOT_SIZE)
+
+
+class _Chunk:
+    """One mapping of the arena: mapped, dump-excluded and locked (if allowed) once."""
+
+    __slots__ = ("address", "locked", "mapping", "view")
+
+    def __init__(self, size: int) -> None:
+        self.mapping, self.address = _map(CHUNK_SIZE)
+        self.locked = _lock_pages(self.address, CHUNK_SIZE, size)
+        self.view = memoryview(self.mapping)  # for good: a chunk is never unmapped
+
+
+class _Arena:
+    """Slots of :data:`SLOT_SIZE` bytes carved out of shared chunks; one lock for all.
+
+    Slot ``n`` is at offset ``(n % 1024) * 64`` of chunk ``n // 1024``. A slot is handed
+    out fresh (a new chunk is zero-filled by the kernel) or from the free list, where
+    only zeroed slots are put. Chunks are never unmapped or unlocked.
+    """
+
+    __slots__ = ("_chunks", "_free", "_lock", "_next")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chunks: list[_Chunk] = []
+        self._free: list[int] = []  # zeroed slots given back; reused last in, first out
+        self._next = 0  # the first slot never handed out
+
+    def take(self, size: int) -> tuple[int, int, bool]:
+        """A zeroed slot for a secret of ``size`` bytes: (slot, address, locked)."""
+        with self._lock:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot = self._next
+                if slot == len(self._chunks) * _SLOTS_PER_CHUNK:
+                    self._chunks.append(_Chunk(size))
+                self._next = slot + 1
+            chunk = self._chunks[slot // _SLOTS_PER_CHUNK]
+        return slot, chunk.address + (slot % _SLOTS_PER_CHUNK) * SLOT_SIZE, chunk.locked
+
+    def view(self, slot: int, size: int) -> memoryview:
+        """A writable view of the first ``size`` bytes of ``slot`` (no lock needed)."""
+        offset = (slot % _SLOTS_PER_CHUNK) * SLOT_SIZE
+        return self._chunks[slot // _SLOTS_PER_CHUNK].view[offset : offset + size]
+
+    def zero(self, slot: int) -> None:
+        """Overwrite all :data:`SLOT_SIZE` bytes of ``slot`` with zeros (no lock needed)."""
+        with self.view(slot, SLOT_SIZE) as whole_slot:
+            whole_slot[:] = _ZERO_SLOT
+
+    def give_back(self, slot: int) -> None:
+        """Return a slot that has already been zeroed to the free list."""
+        with self._lock:
+            self._free.append(slot)
+
+
+_ARENA = _Arena()
+
+
+def _release(home: _Arena | mmap.mmap, address: int, length: int, slot: int, locked: bool) -> None:
+    """Give back secret memory that has already been zeroed.
+
+    An arena slot returns to the free list; an own mapping is unlocked and unmapped.
+    """
+    if isinstance(home, _Arena):
+        home.give_back(slot)
+        return
     if locked and _LIBC is not None:
-        _LIBC.munlock(address, len(mapping))
+        _LIBC.munlock(address, length)
     # If a view a caller kept alive still exports the buffer, close() refuses: the memory
     # is already zero, and the mapping is unmapped when that last view is collected.
     with contextlib.suppress(BufferError):
-        mapping.close()
+        home.close()
+
+
+def _slot_view(address: int, size: int) -> tuple[memoryview, weakref.ref[Any]]:
+    """A writable view of ``size`` bytes at ``address``, and a weak reference to its exporter.
+
+    The exporter dies as soon as every view of it is released, so a live exporter after
+    the release means a view escaped (a slice or export the caller kept).
+    """
+    array = _SLOT_ARRAYS[size].from_address(address)
+    return memoryview(array).cast("B"), weakref.ref(array)
 
 
 def _fill_from_os(view: memoryview) -> None:
@@ -175,14 +272,28 @@ class SecretBytes(NoCopy):
     not by value, and the repr shows the size and state only. Thread-safe.
     """
 
-    __slots__ = ("_address", "_borrows", "_lock", "_locked", "_mapping", "_size", "_wiped")
+    __slots__ = (
+        "_address",
+        "_arena",
+        "_borrows",
+        "_escaped",
+        "_lock",
+        "_locked",
+        "_mapping",
+        "_size",
+        "_slot",
+        "_wiped",
+    )
 
-    _address: int
+    _address: int  # of the first byte: the slot, or the own mapping
+    _arena: _Arena | None  # the arena holding the slot (None: own mapping, or given back)
     _borrows: int
+    _escaped: bool  # a view of the slot outlived its borrow: never give the slot back
     _lock: threading.Lock
     _locked: bool
-    _mapping: mmap.mmap | None
+    _mapping: mmap.mmap | None  # the own mapping (None: arena slot, or unmapped)
     _size: int
+    _slot: int  # the arena slot number (-1: own mapping)
     _wiped: bool
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -198,10 +309,18 @@ class SecretBytes(NoCopy):
         self = object.__new__(cls)
         self._lock = threading.Lock()
         self._borrows = 0
+        self._escaped = False
         self._wiped = False
         self._size = size
-        self._mapping, self._address = _map(size)
-        self._locked = _lock_pages(self._address, len(self._mapping), size)
+        self._arena = self._mapping = None
+        self._slot = -1
+        if size <= SLOT_SIZE:
+            arena = _ARENA
+            self._slot, self._address, self._locked = arena.take(size)
+            self._arena = arena
+        else:
+            self._mapping, self._address = _map(size)
+            self._locked = _lock_pages(self._address, len(self._mapping), size)
         return self
 
     @classmethod
@@ -213,9 +332,15 @@ class SecretBytes(NoCopy):
         """
         self = cls._allocate(size)
         try:
-            assert self._mapping is not None
-            with memoryview(self._mapping) as whole, whole[:size] as view:
-                writer(view)
+            if self._mapping is not None:
+                with memoryview(self._mapping) as whole, whole[:size] as view:
+                    writer(view)
+            else:
+                # The writers are this package's own primitives, which keep no view: no
+                # escape check here (borrow() has one).
+                assert self._arena is not None
+                with self._arena.view(self._slot, size) as view:
+                    writer(view)
         except BaseException:
             self.wipe()
             raise
@@ -287,10 +412,23 @@ class SecretBytes(NoCopy):
         zeroes the memory at once; the unmap waits for the block to end.
         """
         with self._lock:
-            if self._wiped or self._mapping is None:
+            if self._wiped or (self._mapping is None and self._arena is None):
                 raise SecretWiped(f"{self!r} was used after it was wiped")
             self._borrows += 1
             mapping = self._mapping
+        if mapping is None:  # an arena slot
+            writable, exporter = _slot_view(self._address, self._size)
+            view = writable.toreadonly()
+            writable.release()
+            try:
+                yield view
+            finally:
+                with contextlib.suppress(BufferError):  # the caller exported the view
+                    view.release()
+                # A slice or export of the view still alive would see whatever secret
+                # gets this slot next: then the slot is retired instead of reused.
+                self._end_borrow(escaped=exporter() is not None)
+            return
         whole = memoryview(mapping)
         view = whole[: self._size].toreadonly()
         try:
@@ -299,15 +437,33 @@ class SecretBytes(NoCopy):
             for held in (view, whole):
                 with contextlib.suppress(BufferError):  # the caller exported the view
                     held.release()
-            self._end_borrow()
+            self._end_borrow(escaped=False)
 
-    def _end_borrow(self) -> None:
+    def _end_borrow(self, *, escaped: bool) -> None:
         with self._lock:
             self._borrows -= 1
-            if not (self._wiped and self._borrows == 0 and self._mapping is not None):
+            self._escaped = self._escaped or escaped
+            if not self._wiped or self._borrows:
                 return
-            mapping, self._mapping = self._mapping, None
-        _release(mapping, self._address, self._locked)
+            home = self._detach()
+        if home is not None:
+            self._give_back(home)
+
+    def _detach(self) -> _Arena | mmap.mmap | None:
+        """Under ``_lock``, once zeroed: take the memory away to give back (at most once).
+
+        None if it was already given back, or if it is a slot a view escaped from: that
+        slot stays zero and is never reused.
+        """
+        home: _Arena | mmap.mmap | None = self._arena if self._mapping is None else self._mapping
+        self._mapping = self._arena = None
+        if self._escaped and isinstance(home, _Arena):
+            return None
+        return home
+
+    def _give_back(self, home: _Arena | mmap.mmap) -> None:
+        length = SLOT_SIZE if isinstance(home, _Arena) else len(home)
+        _release(home, self._address, length, self._slot, self._locked)
 
     def equals(self, other: SecretBytes | bytes | bytearray | memoryview) -> bool:
         """Constant-time comparison of contents (the lengths are not secret)."""
@@ -332,16 +488,25 @@ class SecretBytes(NoCopy):
     # --- destruction -------------------------------------------------------------------
 
     def wipe(self) -> None:
-        """Overwrite the whole mapping with zeros, then unlock and unmap it. Idempotent."""
+        """Zero the memory at once, then give it back. Idempotent.
+
+        An arena slot is zeroed whole (all 64 bytes) and returns to the free list; an own
+        mapping is zeroed whole, then unlocked and unmapped. While a borrow is open, the
+        memory is zeroed now and given back when the last borrow ends.
+        """
         with self._lock:
-            if self._wiped or self._mapping is None:
+            if self._wiped or (self._mapping is None and self._arena is None):
                 return
             self._wiped = True
-            self._mapping[:] = bytes(len(self._mapping))
+            if self._mapping is not None:
+                self._mapping[:] = bytes(len(self._mapping))
+            elif self._arena is not None:
+                self._arena.zero(self._slot)
             if self._borrows:
-                return  # the last borrow to end unmaps
-            mapping, self._mapping = self._mapping, None
-        _release(mapping, self._address, self._locked)
+                return  # the last borrow to end gives the memory back
+            home = self._detach()
+        if home is not None:
+            self._give_back(home)
 
     def __enter__(self) -> Self:
         return self

@@ -4,6 +4,7 @@ and an epoch key under a KEK (73 bytes, v1)."""
 from __future__ import annotations
 
 import copy
+import ctypes
 import mmap
 import pickle
 from collections.abc import Callable, Iterator
@@ -238,9 +239,11 @@ def released(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     seen: list[bytes] = []
     original = secret_module._release
 
-    def spy(mapping: mmap.mmap, address: int, locked: bool) -> None:
-        seen.append(bytes(mapping))
-        original(mapping, address, locked)
+    def spy(
+        home: secret_module._Arena | mmap.mmap, address: int, length: int, slot: int, locked: bool
+    ) -> None:
+        seen.append(ctypes.string_at(address, length))  # an arena slot or an own mapping
+        original(home, address, length, slot, locked)
 
     monkeypatch.setattr(secret_module, "_release", spy)
     return seen
