@@ -81,10 +81,12 @@ class LeasedRoundCipher:
     (they raise :class:`RoundCipherRetired`), waits a bounded time for open ones to end,
     then wipes the key. Thread-safe. The repr shows the round and key id only.
 
-    ``condition`` lets a test observe the wait; leave it ``None``.
+    ``condition`` lets a test observe the wait; leave it ``None``. A live round holds one
+    of these per round, so it stays small: a plain lock and a counter, and a condition
+    only once a retire has to wait.
     """
 
-    __slots__ = ("_cipher", "_cond", "_leases", "_retired")
+    __slots__ = ("_cipher", "_condition", "_leases", "_lock", "_retired", "_waiter")
 
     def __init__(
         self, cipher: RoundCipher, *, condition: threading.Condition | None = None
@@ -92,9 +94,11 @@ class LeasedRoundCipher:
         if not isinstance(cipher, RoundCipher):
             raise TypeError("LeasedRoundCipher wraps a RoundCipher")
         self._cipher = cipher
-        self._cond = threading.Condition() if condition is None else condition
+        self._lock = threading.Lock()  # guards the three fields below
         self._leases = 0
         self._retired = False
+        self._waiter: threading.Condition | None = None  # set when a retire waits
+        self._condition = condition
 
     @property
     def round_id(self) -> RoundId:
@@ -107,12 +111,12 @@ class LeasedRoundCipher:
     @property
     def retired(self) -> bool:
         """True once :meth:`retire` has begun: no new lease can be taken."""
-        with self._cond:
+        with self._lock:
             return self._retired
 
     @property
     def open_leases(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._leases
 
     @property
@@ -122,17 +126,19 @@ class LeasedRoundCipher:
     @contextmanager
     def lease(self) -> Iterator[RoundCipher]:
         """The cipher, for the length of the block. Raises :class:`RoundCipherRetired`."""
-        with self._cond:
+        with self._lock:
             if self._retired:
                 raise RoundCipherRetired(f"round cipher of round {self.round_id} is retired")
             self._leases += 1
         try:
             yield self._cipher
         finally:
-            with self._cond:
+            with self._lock:
                 self._leases -= 1
-                if self._leases == 0:
-                    self._cond.notify_all()
+                waiter = self._waiter if self._leases == 0 else None
+            if waiter is not None:
+                with waiter:
+                    waiter.notify_all()
 
     def retire(self, timeout: float) -> bool:
         """Stop new leases, wait up to ``timeout`` seconds for open ones, then wipe.
@@ -142,16 +148,22 @@ class LeasedRoundCipher:
         already inside ``AESGCM`` still completes: that object keeps its own key copy.
         Idempotent.
         """
-        with self._cond:
+        with self._lock:
             self._retired = True
-            drained = self._cond.wait_for(lambda: self._leases == 0, timeout=max(0.0, timeout))
-            still_open = self._leases
+            waiter = None
+            if self._leases:
+                made = threading.Condition() if self._condition is None else self._condition
+                waiter = self._waiter = made
+        drained = True
+        if waiter is not None:
+            with waiter:
+                drained = waiter.wait_for(lambda: self.open_leases == 0, max(0.0, timeout))
         if not drained:
             _log.warning(
                 "purge_lease_timeout",
                 round_id=self.round_id.value,
                 key_id=self.key_id.hex(),
-                open_leases=still_open,
+                open_leases=self.open_leases,
                 timeout=timeout,
             )
         self._cipher.wipe()
