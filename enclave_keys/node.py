@@ -495,7 +495,7 @@ class Node:
         for rid in report.hydrated:
             context = self._registry.get(rid)
             leased = None if context is None else context.get(ROUND_CIPHER)
-            if rid in with_share or leased is None or self._store.get_key(rid) is None:
+            if rid in with_share or leased is None:  # hydrated: its key was just read
                 continue
             if rid in ending:
                 continue
