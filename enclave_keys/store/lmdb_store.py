@@ -275,6 +275,7 @@ class LmdbStore(StoreBase):
             )
         new = min(_round_to_page(old * 2), self._max_map_size)
         self._env.set_mapsize(new)
+        _cover_the_map(self._env, self._path / DATA_FILE)
         _log.info("store_map_grown", path=str(self._path), old_size=old, new_size=new)
 
     def _adopt_map_size(self) -> None:
@@ -394,10 +395,24 @@ def _open_environment(path: Path, map_size: int, *, create: bool) -> lmdb.Enviro
         raise StoreUnavailable(f"{path} cannot be opened as an LMDB environment: {exc}") from exc
     try:
         _check_not_truncated(env, data_file)
+        _cover_the_map(env, data_file)
     except BaseException:
         env.close()
         raise
     return env
+
+
+def _cover_the_map(env: lmdb.Environment, data_file: Path) -> None:
+    """Extend ``data.mdb`` (sparsely) to the map size, as LMDB's own MDB_WRITEMAP mode does.
+
+    A damaged page pointer or overflow size can make LMDB read past the end of the file;
+    inside the map that is SIGBUS — the process dies — where a read of zeros gives LMDB's
+    own error (a typed ``StoreUnavailable``/``CorruptRecord`` here). The extension takes
+    no disk space.
+    """
+    size = env.info()["map_size"]
+    if data_file.stat().st_size < size:
+        os.truncate(data_file, size)
 
 
 def _check_not_truncated(env: lmdb.Environment, data_file: Path) -> None:

@@ -57,11 +57,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _overwrite(path: Path) -> int:
-    """Zero every byte of ``path`` in place (same inode), then fdatasync. Returns its size."""
+def _overwrite(path: Path, used: int | None = None) -> int:
+    """Zero the first ``used`` bytes of ``path`` (all of it if ``None``) in place (same
+    inode), then fdatasync. Returns how many bytes were zeroed.
+
+    LMDB never writes past its last page, so ``used`` = (last page + 1) x page size
+    covers every byte it ever wrote; the rest of a map-sized file is a sparse hole.
+    """
     fd = os.open(path, os.O_WRONLY)
     try:
         size = os.fstat(fd).st_size
+        if used is not None:
+            size = min(size, used)
         zeros = bytes(_CHUNK)
         offset = 0
         while offset < size:
@@ -72,10 +79,11 @@ def _overwrite(path: Path) -> int:
     return size
 
 
-def _install(directory: Path) -> int:
+def _install(directory: Path, used: int | None = None) -> int:
     """Steps 3-4: overwrite the old file, move the compacted one into place."""
     ready = directory / READY_DIR
-    overwritten = _overwrite(directory / DATA_FILE) if (directory / DATA_FILE).exists() else 0
+    old = directory / DATA_FILE
+    overwritten = _overwrite(old, used) if old.exists() else 0
     os.replace(ready / DATA_FILE, directory / DATA_FILE)
     shutil.rmtree(ready)
     _fsync_dir(directory)
@@ -112,6 +120,7 @@ def scrub(directory: Path) -> ScrubReport:
         shutil.rmtree(tmp)
         raise StoreUnavailable(f"{directory} cannot be opened as an LMDB environment") from exc
     try:
+        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         env.copy(str(tmp), compact=True)
     except BaseException:
         shutil.rmtree(tmp)
@@ -127,7 +136,7 @@ def scrub(directory: Path) -> ScrubReport:
     os.replace(tmp, directory / READY_DIR)
     _fsync_dir(directory)
     new_size = (directory / READY_DIR / DATA_FILE).stat().st_size
-    overwritten = _install(directory)
+    overwritten = _install(directory, used)
     report = ScrubReport(old_size=overwritten, new_size=new_size, overwritten=overwritten)
     _log.info("store_scrubbed", path=str(directory), old_size=overwritten, new_size=new_size)
     return report

@@ -261,11 +261,28 @@ def test_an_empty_data_file_is_unavailable_not_a_new_store(filled: Path) -> None
 def test_a_truncated_data_file_is_unavailable(lmdb_path: Path) -> None:
     with LmdbStore.open(lmdb_path) as store:
         store.append_events(make_events(1, 300, payload_size=1000))
+        used = (store._env.info()["last_pgno"] + 1) * store._env.stat()["psize"]
     data = lmdb_path / "data.mdb"
+    assert data.stat().st_size >= used  # extended (sparsely) to the map size
     with data.open("r+b") as handle:
-        handle.truncate(data.stat().st_size // 2)
+        handle.truncate(used // 2)
     with pytest.raises(StoreUnavailable, match="truncated"):
         LmdbStore.open(lmdb_path)
+
+
+def test_the_data_file_covers_the_map_so_damage_cannot_read_past_its_end(
+    lmdb_path: Path,
+) -> None:
+    """A damaged page pointer inside the map reads zeros (a typed LMDB error), never the
+    SIGBUS of a read past the end of the file; the extension is a sparse hole."""
+    with LmdbStore.open(lmdb_path) as store:
+        map_size = store.map_size
+        store.append_events(make_events(1, 10))
+    data = lmdb_path / "data.mdb"
+    assert data.stat().st_size == map_size
+    assert data.stat().st_blocks * 512 < map_size // 4, "the tail takes no disk space"
+    with LmdbStore.open(lmdb_path) as store:
+        assert store.last_sequence() == 10
 
 
 @pytest.mark.parametrize("make_dir", [False, True], ids=["missing-dir", "empty-dir"])

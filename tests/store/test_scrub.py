@@ -60,7 +60,7 @@ def test_a_crash_after_the_copy_is_finished_at_the_next_open(
 ) -> None:
     before = contents(store_dir)
 
-    def die(directory: Path) -> int:
+    def die(directory: Path, used: int | None = None) -> int:
         raise Crash
 
     monkeypatch.setattr(scrub_module, "_install", die)
