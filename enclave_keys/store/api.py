@@ -17,6 +17,7 @@ raises, or applying fails (for example with
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -202,6 +203,43 @@ class WriteBatch:
 
     def __repr__(self) -> str:
         return f"WriteBatch(events={len(self._events)}, operations={len(self._operations)})"
+
+
+# --- single-operation writes, for any store -----------------------------------------
+
+
+class SingleWrites(ABC):
+    """The single-operation conveniences of :class:`Store`, each a batch of one, for any
+    class that provides :meth:`write` (both backends, and wrappers such as test fakes)."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def write(self) -> AbstractContextManager[WriteBatch]: ...
+
+    def append_events(self, events: Sequence[StoredEvent]) -> None:
+        with self.write() as batch:
+            batch.append_events(events)
+
+    def put_key(self, round_id: RoundId, blob: bytes) -> None:
+        with self.write() as batch:
+            batch.put_key(round_id, blob)
+
+    def delete_key(self, round_id: RoundId) -> None:
+        with self.write() as batch:
+            batch.delete_key(round_id)
+
+    def put_snapshot(self, sequence: int, data: bytes) -> None:
+        with self.write() as batch:
+            batch.put_snapshot(sequence, data)
+
+    def put_meta(self, name: str, value: bytes) -> None:
+        with self.write() as batch:
+            batch.put_meta(name, value)
+
+    def delete_meta(self, name: str) -> None:
+        with self.write() as batch:
+            batch.delete_meta(name)
 
 
 # --- the interface both backends implement -------------------------------------------

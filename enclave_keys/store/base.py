@@ -8,8 +8,8 @@ raw bytes out).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from abc import abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Self
@@ -19,7 +19,7 @@ from enclave_keys.errors import CodecError, CorruptRecord, StoreClosed
 from enclave_keys.events import StoredEvent
 from enclave_keys.ids import RoundId
 from enclave_keys.store import records
-from enclave_keys.store.api import PreparedBatch, WriteBatch
+from enclave_keys.store.api import PreparedBatch, SingleWrites, WriteBatch
 from enclave_keys.store.slots import SlotDevice
 
 READ_CHUNK = 256
@@ -40,7 +40,7 @@ def decode_event_record(raw_key: bytes, raw_value: bytes) -> StoredEvent:
     return stored
 
 
-class StoreBase(ABC):
+class StoreBase(SingleWrites):
     """Shared implementation of :class:`~enclave_keys.store.api.Store`."""
 
     def __init__(self, *, snapshot_retention: int = records.DEFAULT_SNAPSHOT_RETENTION) -> None:
@@ -135,30 +135,6 @@ class StoreBase(ABC):
         if not prepared.is_empty:
             self._check_open()
             self._commit(prepared)
-
-    def append_events(self, events: Sequence[StoredEvent]) -> None:
-        with self.write() as batch:
-            batch.append_events(events)
-
-    def put_key(self, round_id: RoundId, blob: bytes) -> None:
-        with self.write() as batch:
-            batch.put_key(round_id, blob)
-
-    def delete_key(self, round_id: RoundId) -> None:
-        with self.write() as batch:
-            batch.delete_key(round_id)
-
-    def put_snapshot(self, sequence: int, data: bytes) -> None:
-        with self.write() as batch:
-            batch.put_snapshot(sequence, data)
-
-    def put_meta(self, name: str, value: bytes) -> None:
-        with self.write() as batch:
-            batch.put_meta(name, value)
-
-    def delete_meta(self, name: str) -> None:
-        with self.write() as batch:
-            batch.delete_meta(name)
 
     # --- reads ------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ in for, so the code under test runs its real paths.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
 from typing import Final
@@ -27,7 +27,7 @@ from enclave_keys.errors import StoreError
 from enclave_keys.events import StoredEvent
 from enclave_keys.ids import RoundId
 from enclave_keys.store import MemoryStore, Store
-from enclave_keys.store.api import WriteBatch
+from enclave_keys.store.api import SingleWrites, WriteBatch
 from enclave_keys.store.slots import SlotDevice
 from enclave_keys.unseal import Enrolment, KeyUnseal
 
@@ -83,7 +83,7 @@ class InjectedFault(StoreError):
     """The error a :class:`FaultyStore` raises for an injected write failure."""
 
 
-class FaultyStore:
+class FaultyStore(SingleWrites):
     """A :class:`~enclave_keys.store.Store` that delegates to ``inner`` and injects faults.
 
     Faults are plain attributes a test flips at any time:
@@ -129,30 +129,6 @@ class FaultyStore:
                     for rid, blob in lost.items():
                         restore.put_key(rid, blob)
                 self.dropped_deletes += len(lost)
-
-    def append_events(self, events: Sequence[StoredEvent]) -> None:
-        with self.write() as batch:
-            batch.append_events(events)
-
-    def put_key(self, round_id: RoundId, blob: bytes) -> None:
-        with self.write() as batch:
-            batch.put_key(round_id, blob)
-
-    def delete_key(self, round_id: RoundId) -> None:
-        with self.write() as batch:
-            batch.delete_key(round_id)
-
-    def put_snapshot(self, sequence: int, data: bytes) -> None:
-        with self.write() as batch:
-            batch.put_snapshot(sequence, data)
-
-    def put_meta(self, name: str, value: bytes) -> None:
-        with self.write() as batch:
-            batch.put_meta(name, value)
-
-    def delete_meta(self, name: str) -> None:
-        with self.write() as batch:
-            batch.delete_meta(name)
 
     def last_sequence(self) -> int:
         return self.inner.last_sequence()
