@@ -12,12 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Final, Literal
 
-import structlog
-
 from enclave_keys.clock import ManualClock
 from enclave_keys.crypto import SecretBytes
 from enclave_keys.events import Event, RoundComplete, RoundRequested
 from enclave_keys.ids import RoundId
+from enclave_keys.log import configure_logging
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.unseal import KeyUnseal
 
@@ -30,8 +29,8 @@ IDLE: Final = 900.0
 
 
 def quiet_logs() -> None:
-    """Errors only: a node logs several info lines per round."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    """Errors only (a node logs several info lines per round), as a node process sets it up."""
+    configure_logging(level=logging.ERROR)
 
 
 class NodeOpener:

@@ -22,6 +22,7 @@ dispatcher's thread, or the Pykka bus actor. Delivering is the runtime's job.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -32,8 +33,16 @@ import structlog
 
 from enclave_keys.clock import Clock
 from enclave_keys.errors import InvalidIdentifier, LifecycleError, MalformedEvent
-from enclave_keys.events import EVENT_TYPES, MAX_SOURCE_LEN, Event, StoredEvent
-from enclave_keys.handler import Handler, Ticking
+from enclave_keys.events import (
+    EVENT_TYPES,
+    MAX_SEQUENCE,
+    MAX_SOURCE_LEN,
+    Event,
+    StoredEvent,
+    check_source,
+    check_timestamp,
+)
+from enclave_keys.handler import Handler, StagedWrite, Staging, Ticking, settle_writes
 from enclave_keys.ids import EventId
 from enclave_keys.store import Store
 
@@ -72,11 +81,14 @@ def qualified_type_name(error: BaseException) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PublishRequest:
-    """Events to append, who publishes them, and the stored event that caused them."""
+    """Events to append, who publishes them, the stored event that caused them, and the
+    store writes (of a :class:`~enclave_keys.handler.Staging` handler) that commit with
+    them."""
 
     events: tuple[Event, ...]
     source: str
     cause: StoredEvent | None = None
+    writes: tuple[StagedWrite, ...] = ()
 
     @classmethod
     def of(
@@ -116,6 +128,7 @@ class Subscriber:
     name: str
     subscriptions: frozenset[type[Event]] | None
     ticking: bool
+    staging: bool
 
     def wants(self, event: Event) -> bool:
         """True if ``event``'s exact type is subscribed (or the subscriber takes all)."""
@@ -138,7 +151,13 @@ class Subscriber:
             raise InvalidIdentifier(
                 f"handler name must be 1 to {MAX_SOURCE_LEN} printable characters"
             )
-        return cls(handler, name, _checked_subscriptions(handler), isinstance(handler, Ticking))
+        return cls(
+            handler,
+            name,
+            _checked_subscriptions(handler),
+            isinstance(handler, Ticking),
+            isinstance(handler, Staging),
+        )
 
 
 def _checked_subscriptions(handler: Handler) -> frozenset[type[Event]] | None:
@@ -197,6 +216,8 @@ class EventBus:
         subscriber = Subscriber.of(handler)
         if any(s.name == subscriber.name for s in self._subscribers):
             raise LifecycleError(f"a handler named {subscriber.name!r} is already subscribed")
+        if isinstance(handler, Staging):
+            handler.stage_writes()
         self._subscribers.append(subscriber)
         return subscriber
 
@@ -234,21 +255,28 @@ class EventBus:
 
         Never raises for a request or store problem: rejections and write failures come
         back as outcomes (and are logged, by error type only). On success the events of
-        the group are consecutive, in request order.
+        the group are consecutive, in request order. Each request's staged writes go into
+        the same batch and are settled before this returns: committed with the group, or
+        not (a rejected request, a failed group).
         """
         first = self.next_sequence
         rejected: dict[int, Outcome] = {}
         staged: dict[int, tuple[StoredEvent, ...]] = {}
         sequence = first
         try:
-            now = self._clock.now()
+            now = check_timestamp(self._clock.now())
             with self._store.write() as batch:
                 for index, request in enumerate(requests):
+                    mark = batch.mark()
                     try:
                         stamped = self._stamp(request, sequence, now)
                         batch.append_events(stamped)
+                        for write in request.writes:
+                            write.apply(batch)
                     except Exception as exc:
+                        batch.rewind(mark)
                         rejected[index] = Outcome(request, error=exc)
+                        settle_writes(request.writes, committed=False)
                         _log.warning(
                             "publish_rejected",
                             source=_printable(request.source),
@@ -265,11 +293,15 @@ class EventBus:
                 events=sequence - first,
             )
             self._resynchronise()
+            for index in staged:
+                settle_writes(requests[index].writes, committed=False)
             return [
                 rejected[i] if i in rejected else Outcome(request, error=exc)
                 for i, request in enumerate(requests)
             ]
         self._next_sequence = sequence
+        for index in staged:
+            settle_writes(requests[index].writes, committed=True)
         if sequence > first:
             _log.debug("events_committed", first_sequence=first, events=sequence - first)
         return [
@@ -278,23 +310,33 @@ class EventBus:
         ]
 
     def _stamp(self, request: PublishRequest, first: int, now: float) -> tuple[StoredEvent, ...]:
+        """The request's envelopes: the source is checked once, every other field is the
+        bus's own (see :meth:`StoredEvent.stamped`)."""
+        source = check_source(request.source)
+        events = request.events
+        if first + len(events) - 1 > MAX_SEQUENCE:
+            raise MalformedEvent("the log is full: no sequence left for these events")
         cause = request.cause
         causation = None if cause is None else cause.event_id
         correlation = None
         if cause is not None:
             correlation = cause.event_id if cause.correlation_id is None else cause.correlation_id
+        ids = self._event_ids(len(events))
         return tuple(
-            StoredEvent(
-                sequence=first + offset,
-                event_id=EventId.random(self._rng),
-                timestamp=now,
-                causation_id=causation,
-                correlation_id=correlation,
-                source=request.source,
-                payload=event,
+            StoredEvent.stamped(
+                first + offset, ids[offset], now, causation, correlation, source, event
             )
-            for offset, event in enumerate(request.events)
+            for offset, event in enumerate(events)
         )
+
+    def _event_ids(self, count: int) -> list[EventId]:
+        """``count`` fresh event ids: one CSPRNG read for all of them (or, seeded, one draw
+        each, so a simulation's ids stay what they were)."""
+        if self._rng is not None:
+            return [EventId.random(self._rng) for _ in range(count)]
+        raw = os.urandom(EventId.SIZE * count)
+        size = EventId.SIZE
+        return [EventId(raw[i : i + size]) for i in range(0, len(raw), size)]
 
     def _resynchronise(self) -> None:
         """After a failed write, trust the store's idea of the log end (if it can say)."""

@@ -77,6 +77,8 @@ __all__ = [
     "Text",
     "UnsealMethod",
     "UnsealProgress",
+    "check_source",
+    "check_timestamp",
     "event_class",
     "event_type",
     "field_spec",
@@ -865,10 +867,7 @@ class StoredEvent:
         for name in ("causation_id", "correlation_id"):
             if not isinstance(getattr(self, name), EventId | None):
                 raise MalformedEvent(f"{name} must be an EventId or None")
-        source = _check_text(self.source, "source", 1, MAX_SOURCE_LEN)
-        if not source.isprintable():
-            raise MalformedEvent("source must be printable")
-        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "source", check_source(self.source))
         if type(self.payload) not in _FIELDS_BY_CLASS:
             raise MalformedEvent("payload must be an instance of a registered event type")
         derived = self.payload.round_id_or_none
@@ -877,7 +876,58 @@ class StoredEvent:
         elif self.round_id != derived:
             raise MalformedEvent("round_id does not match the payload's round")
 
+    @classmethod
+    def stamped(
+        cls,
+        sequence: int,
+        event_id: EventId,
+        timestamp: float,
+        causation_id: EventId | None,
+        correlation_id: EventId | None,
+        source: str,
+        payload: Event,
+    ) -> StoredEvent:
+        """An envelope from a sequencer that made, or checked once, every field itself.
+
+        The bus stamps thousands of events a second with sequences it counts, ids it draws,
+        one checked clock reading per group and a source checked per request; running
+        :meth:`__post_init__` again for each would double its cost. Only the payload is
+        checked here (a registered type; its own fields were checked when it was built),
+        and the round id is derived from it. Anything else must use the constructor.
+        """
+        if type(payload) not in _FIELDS_BY_CLASS:
+            raise MalformedEvent("payload must be an instance of a registered event type")
+        made = _new_envelope(cls)
+        _set = object.__setattr__
+        _set(made, "sequence", sequence)
+        _set(made, "event_id", event_id)
+        _set(made, "timestamp", timestamp)
+        _set(made, "round_id", payload.round_id_or_none)
+        _set(made, "causation_id", causation_id)
+        _set(made, "correlation_id", correlation_id)
+        _set(made, "source", source)
+        _set(made, "payload", payload)
+        return made
+
     @property
     def tag(self) -> str:
         """The payload's wire tag."""
         return self.payload.TAG
+
+
+_new_envelope: Final = object.__new__
+
+
+def check_timestamp(value: object) -> float:
+    """``value`` as an envelope timestamp (a finite float), else :class:`MalformedEvent`."""
+    checked: float = _check_timestamp(value)
+    return checked
+
+
+def check_source(value: object) -> str:
+    """``value`` as an envelope source (1 to 64 printable characters), else
+    :class:`MalformedEvent`."""
+    source = _check_text(value, "source", 1, MAX_SOURCE_LEN)
+    if not source.isprintable():
+        raise MalformedEvent("source must be printable")
+    return source

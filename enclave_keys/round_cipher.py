@@ -54,8 +54,8 @@ from enclave_keys.events import (
     RoundStage,
     StoredEvent,
 )
-from enclave_keys.ids import EpochNumber, KeyId, RoundId
-from enclave_keys.store import Store
+from enclave_keys.ids import EpochNumber, KekVersion, KeyId, RoundId
+from enclave_keys.store import Store, WriteBatch
 
 __all__ = [
     "ROUND_CIPHER",
@@ -270,6 +270,8 @@ class RoundCipherCore:
         # before it. A stray one (for a round nobody requested yet) must not stop a
         # later request of that id from being keyed.
         self._requested = RecentRounds(horizon)
+        # Writes waiting for the runtime's group commit; None: commit each at once.
+        self._staged: list[_PutKey | _DeleteKey] | None = None
 
     # --- queries ------------------------------------------------------------------------
 
@@ -304,36 +306,31 @@ class RoundCipherCore:
 
     def _create(self, rid: RoundId) -> Sequence[Event]:
         fields = {"round_id": rid.value}
-        cipher: RoundCipher | None = None
-        stored = False
+        if self.cipher_of(rid) is not None or self._store.get_key(rid) is not None:
+            _log.debug("round_key_exists", **fields)
+            return ()
+        if self._registry.get(rid) is None:
+            _log.debug("round_key_not_needed", why="round_ended", **fields)
+            return ()
+        write: _PutKey | None = None
         try:
-            if self.cipher_of(rid) is not None or self._store.get_key(rid) is not None:
-                _log.debug("round_key_exists", **fields)
-                return ()
-            if self._registry.get(rid) is None:
-                _log.debug("round_key_not_needed", why="round_ended", **fields)
-                return ()
-            # The lease spans wrap and store: a ratchet cannot run in between and miss
-            # the blob, nor can this blob be wrapped under an epoch it has destroyed.
-            with self._epochs.active_epoch() as epoch:
-                kek_version = self._epochs.kek_version
-                cipher = RoundCipher.generate(rid, entropy=self._entropy)
-                self._store.put_key(rid, wrap_round_key(epoch, cipher))
-                stored = True
-            leased = LeasedRoundCipher(cipher)
+            write = self._new_key(rid)
             context = self._registry.get(rid)
             if context is None:
                 raise ContextClosed(f"context of round {rid} is closed")
-            context.put(ROUND_CIPHER, leased)
+            context.put(ROUND_CIPHER, write.leased)
             with self._lock:
-                self._held[rid] = leased
+                self._held[rid] = write.leased
+            self._write(write)
         except ContextClosed:
             _log.info("round_key_discarded", why="round_ended", **fields)
-            self._undo(rid, cipher, stored)
+            if write is not None:
+                write.settle(committed=False)
             return ()
         except Exception as exc:
             _log.error("round_key_creation_failed", error_type=type(exc).__qualname__, **fields)
-            self._undo(rid, cipher, stored)
+            if write is not None:
+                write.settle(committed=False)
             failed = RoundFailed(
                 round_id=rid,
                 failed_at=RoundStage.REQUESTED,
@@ -341,66 +338,123 @@ class RoundCipherCore:
                 detail=type(exc).__qualname__,
             )
             return (failed,)
-        key_id = cipher.key_id
+        key_id = write.leased.key_id
         _log.info(
-            "round_key_created", key_id=key_id.hex(), kek_version=kek_version.number, **fields
+            "round_key_created",
+            key_id=key_id.hex(),
+            kek_version=write.kek_version.number,
+            **fields,
         )
-        return (RoundKeyReady(round_id=rid, key_id=key_id, kek_version=kek_version),)
+        return (RoundKeyReady(round_id=rid, key_id=key_id, kek_version=write.kek_version),)
 
-    def _undo(self, rid: RoundId, cipher: RoundCipher | None, stored: bool) -> None:
-        """Wipe what was made; delete the key if it reached the store."""
-        if cipher is not None:
-            cipher.wipe()
-        if not stored:
+    def _new_key(self, rid: RoundId) -> _PutKey:
+        """A fresh round key, wrapped under the current epoch key, as a write to commit.
+
+        The epoch lease taken for the wrap goes with the write and ends when the write is
+        settled: no ratchet can run between the wrap and the commit of the blob, so none
+        misses it, and none destroys the epoch it is wrapped under before it is stored.
+        """
+        with ExitStack() as lease:
+            epoch = lease.enter_context(self._epochs.active_epoch())
+            kek_version = self._epochs.kek_version
+            cipher = RoundCipher.generate(rid, entropy=self._entropy)
+            try:
+                blob = wrap_round_key(epoch, cipher)
+            except BaseException:
+                cipher.wipe()
+                raise
+            return _PutKey(self, rid, blob, LeasedRoundCipher(cipher), kek_version, lease.pop_all())
+
+    def _write(self, write: _PutKey | _DeleteKey, *, now: bool = False) -> None:
+        """Stage ``write`` for the group commit of this event's output, or — when not
+        staging, or ``now`` — commit it at once (settled either way; raises if it failed).
+        """
+        if self._staged is not None and not now:
+            self._staged.append(write)
             return
         try:
-            self._delete_stored(rid)
-        except Exception as exc:
-            # The recovery sweep deletes it at the next start (its round is not live).
-            _log.error(
-                "round_key_undo_failed", round_id=rid.value, error_type=type(exc).__qualname__
-            )
+            with self._store.write() as batch:
+                write.apply(batch)
+        except BaseException:
+            write.settle(committed=False)
+            raise
+        write.settle(committed=True)
 
-    def _purge(self, rid: RoundId) -> RoundPurged | None:
-        """Retire, wipe, delete and un-context the round's key. None if there was none."""
+    def _unkey(self, write: _PutKey) -> None:
+        """A new key that will never be stored: take it back out of the core and the
+        context, and wipe it."""
+        rid, leased = write.round_id, write.leased
+        with self._lock:
+            if self._held.get(rid) is leased:
+                del self._held[rid]
+        context = self._registry.get(rid)
+        if context is not None and context.get(ROUND_CIPHER) is leased:
+            context.remove(ROUND_CIPHER)
+        leased.retire(self._lease_timeout)
+
+    def _purge(self, rid: RoundId, *, now: bool = False) -> RoundPurged | None:
+        """Retire, wipe, delete and un-context the round's key. None if there was none.
+
+        The delete is staged (or, ``now``, committed at once) with the ratchet kept out
+        until it is settled: an epoch change in flight cannot write the blob back.
+        """
         with self._lock:
             leased = self._held.pop(rid, None)
+        context = self._registry.get(rid)
+        if context is not None:
+            context.remove(ROUND_CIPHER)
         key_id: KeyId | None = None
         if leased is not None:
             key_id = leased.key_id
             leased.retire(self._lease_timeout)
-        context = self._registry.get(rid)
-        if context is not None:
-            context.remove(ROUND_CIPHER)
-        blob = self._delete_stored(rid)
-        if blob is not None and key_id is None:
+        # A held key needs no read: its put may even still be staged ahead of this delete.
+        blob = None if leased is not None else self._store.get_key(rid)
+        if leased is None and blob is None:
+            return None
+        self._write(_DeleteKey(self, rid, self._ratchet_guard(rid)), now=now)
+        if key_id is None and blob is not None:
             key_id = _key_id_of(blob)
         if key_id is None:
-            if blob is not None:
-                _log.warning("round_key_purged", round_id=rid.value, key_id=None)
+            _log.warning("round_key_purged", round_id=rid.value, key_id=None)
             return None
         _log.info("round_key_purged", round_id=rid.value, key_id=key_id.hex())
         return RoundPurged(round_id=rid, key_id=key_id)
 
-    def _delete_stored(self, rid: RoundId) -> bytes | None:
-        """Delete the round's stored blob (returned, if there was one) with the ratchet
-        kept out, then tell the epoch source, which destroys the blob's epoch in time.
+    def _ratchet_guard(self, rid: RoundId) -> ExitStack:
+        """The ratchet kept out until a delete is settled (or, if that cannot be had in
+        time, nothing: the key is deleted anyway — a blob an epoch change writes back is an
+        orphan the recovery sweep purges, a key kept is worse)."""
+        guard = ExitStack()
+        try:
+            guard.enter_context(self._epochs.hold_ratchet())
+        except LeaseTimeout:
+            _log.warning("round_key_delete_unguarded", round_id=rid.value)
+        return guard
 
-        Without the guard an epoch change in flight could write the rewrapped blob back
-        after this delete. If the guard cannot be had in time the key is deleted anyway: a
-        blob written back is an orphan the recovery sweep purges, a key kept is worse.
-        """
-        with ExitStack() as guard:
-            try:
-                guard.enter_context(self._epochs.hold_ratchet())
-            except LeaseTimeout:
-                _log.warning("round_key_delete_unguarded", round_id=rid.value)
-            blob = self._store.get_key(rid)
-            if blob is not None:
-                self._store.delete_key(rid)
-        if blob is not None:
-            self._epochs.purged()
-        return blob
+    def _retry_delete(self, rid: RoundId) -> None:
+        """A delete whose group was never committed (a failed commit, a runtime stopping):
+        try it alone, at once — a completed round's key must not stay on disk."""
+        try:
+            self._store.delete_key(rid)
+        except Exception as exc:
+            # The recovery sweep deletes it at the next start (its round is not live).
+            _log.error(
+                "round_key_delete_failed", round_id=rid.value, error_type=type(exc).__qualname__
+            )
+
+    # --- staging (the Staging protocol) -------------------------------------------------
+
+    def stage_writes(self) -> None:
+        """Queue key puts and deletes for the runtime's group commit from now on."""
+        if self._staged is None:
+            self._staged = []
+
+    def take_writes(self) -> tuple[_PutKey | _DeleteKey, ...]:
+        """The writes queued by the last ``handle`` (called by the runtime after it)."""
+        if not self._staged:
+            return ()
+        writes, self._staged = tuple(self._staged), []
+        return writes
 
     # --- node operations ----------------------------------------------------------------
 
@@ -495,7 +549,7 @@ class RoundCipherCore:
         ``None`` when nothing was held or stored for the round (or the stored blob's
         header could not be read — the blob is deleted all the same).
         """
-        return self._purge(round_id)
+        return self._purge(round_id, now=True)
 
     def wipe_all(self) -> None:
         """Retire and wipe every held cipher (node stop). The store is not touched."""
@@ -533,3 +587,76 @@ def _key_id_of(blob: bytes) -> KeyId | None:
         return read_wrapped_header(blob)[1]
     except UnwrapFailed:
         return None
+
+
+# --- the writes ---------------------------------------------------------------------------
+
+
+class _PutKey:
+    """A new round key's wrapped blob, to store; holds the epoch lease it was wrapped under."""
+
+    __slots__ = ("_core", "_lease", "_settled", "blob", "kek_version", "leased", "round_id")
+
+    def __init__(
+        self,
+        core: RoundCipherCore,
+        round_id: RoundId,
+        blob: bytes,
+        leased: LeasedRoundCipher,
+        kek_version: KekVersion,
+        lease: ExitStack,
+    ) -> None:
+        self._core = core
+        self.round_id = round_id
+        self.blob = blob
+        self.leased = leased
+        self.kek_version = kek_version
+        self._lease = lease
+        self._settled = False
+
+    def apply(self, batch: WriteBatch) -> None:
+        batch.put_key(self.round_id, self.blob)
+
+    def settle(self, committed: bool) -> None:
+        """End the epoch lease; a key never stored is taken back and wiped. Idempotent."""
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            if not committed:
+                self._core._unkey(self)
+        finally:
+            self._lease.close()
+
+    def __repr__(self) -> str:
+        return f"_PutKey(round_id={self.round_id.value!r})"
+
+
+class _DeleteKey:
+    """A round key's deletion; holds the ratchet out until it is settled."""
+
+    __slots__ = ("_core", "_guard", "_settled", "round_id")
+
+    def __init__(self, core: RoundCipherCore, round_id: RoundId, guard: ExitStack) -> None:
+        self._core = core
+        self.round_id = round_id
+        self._guard = guard
+        self._settled = False
+
+    def apply(self, batch: WriteBatch) -> None:
+        batch.delete_key(self.round_id)
+
+    def settle(self, committed: bool) -> None:
+        """Retry alone if never committed, let the ratchet in, report the purge. Idempotent."""
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            if not committed:
+                self._core._retry_delete(self.round_id)
+        finally:
+            self._guard.close()
+        self._core._epochs.purged()
+
+    def __repr__(self) -> str:
+        return f"_DeleteKey(round_id={self.round_id.value!r})"

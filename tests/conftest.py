@@ -9,6 +9,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
+from enclave_keys import log
 from tests.reports import REPORTS
 
 # --- Hypothesis profiles --------------------------------------------------------------
@@ -25,6 +26,15 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get(PROFILE_ENV, "ci"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _uncached_loggers() -> Iterator[None]:
+    """No cached loggers in tests: a logger cached while one test had configured structlog
+    (by running the CLI, say) would keep that configuration in every later test."""
+    cached, log.CACHE_LOGGERS_DEFAULT = log.CACHE_LOGGERS_DEFAULT, False
+    yield
+    log.CACHE_LOGGERS_DEFAULT = cached
 
 
 @pytest.fixture(autouse=True)

@@ -91,12 +91,6 @@ class RecordingStore(MemoryStore):
         self.block_put: threading.Event | None = None
         self.in_put = threading.Event()
 
-    def put_key(self, round_id: RoundId, blob: bytes) -> None:
-        if self.block_put is not None:
-            self.in_put.set()
-            assert self.block_put.wait(WAIT)
-        super().put_key(round_id, blob)
-
     def list_keys(self) -> list[tuple[RoundId, bytes]]:
         if self.block_listing is not None:  # only a rotation lists keys in these tests
             self.in_listing.set()
@@ -104,6 +98,9 @@ class RecordingStore(MemoryStore):
         return super().list_keys()
 
     def _commit(self, batch: PreparedBatch) -> None:
+        if self.block_put is not None and any(isinstance(op, PutKey) for op in batch.operations):
+            self.in_put.set()
+            assert self.block_put.wait(WAIT)
         if self.fail_next_commit:
             self.fail_next_commit = False
             raise StoreError("disk full")

@@ -108,6 +108,8 @@ class DeterministicRuntime:
             _log.warning(
                 "dispatch_abandoned", publishes=len(self._queue), events=len(self._undelivered)
             )
+        for request in self._queue:
+            shell.abandon(request)
         self._queue.clear()
         self._undelivered.clear()
 

@@ -1,11 +1,12 @@
 """The threaded runtime of a real node: a Pykka bus actor plus one actor per handler.
 
 * The **bus actor** owns the :class:`~enclave_keys.bus.EventBus`: it alone sequences and
-  appends. It sends each committed event, in log order, to the actor of every subscriber.
-* A **handler actor** is a thin shell around one core: ``deliver(stored)`` →
-  ``handle`` (failure-isolated, see :mod:`enclave_keys.runtime.shell`) → tell the bus to
-  publish the result with that cause. A core only ever runs on its own actor's thread,
-  one event at a time, in log order.
+  appends. After each group commit it sends every subscriber's actor *one* message with
+  the group's events for it, in log order.
+* A **handler actor** is a thin shell around one core: for each event of a delivery,
+  ``handle`` (failure-isolated, see :mod:`enclave_keys.runtime.shell`), then tell the bus
+  to publish the result with that cause — at once, not at the end of the delivery. A core
+  only ever runs on its own actor's thread, one event at a time, in log order.
 
 **Group commit.** A publish message only *enqueues* on the bus; the first one queued sends
 the bus a flush message, which lands behind everything already in its inbox. The flush
@@ -77,7 +78,7 @@ class _Flush:
 
 @dataclass(frozen=True, slots=True)
 class _Deliver:
-    stored: StoredEvent
+    events: tuple[StoredEvent, ...]  # in log order
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,10 +238,14 @@ class _BusActor(_RuntimeActor):
             return
         try:
             outcomes = self._bus.commit([message.request for message in pending])
-            for message, outcome in zip(pending, outcomes, strict=True):
+            deliveries: dict[str, list[StoredEvent]] = {}
+            for outcome in outcomes:
                 for stored in outcome.events:  # log order: requests are in sequence order
                     for subscriber in self._bus.subscribers_for(stored):
-                        self._gate.send(self._shells[subscriber.name], _Deliver(stored))
+                        deliveries.setdefault(subscriber.name, []).append(stored)
+            for name, events in deliveries.items():
+                self._gate.send(self._shells[name], _Deliver(tuple(events)))
+            for message, outcome in zip(pending, outcomes, strict=True):
                 self._answer(message, outcome)
         finally:
             self._in_flight.done(len(pending))
@@ -277,15 +282,21 @@ class _HandlerActor(_RuntimeActor):
             if not self._gate.is_open:
                 return  # stopping: deliveries still queued are abandoned
             if isinstance(message, _Deliver):
-                request = shell.deliver(self._subscriber, message.stored)
+                for stored in message.events:
+                    if not self._gate.is_open:
+                        break  # stopping: the rest of the delivery is abandoned
+                    self._publish(shell.deliver(self._subscriber, stored))
             elif isinstance(message, _Tick):
-                request = shell.tick(self._subscriber, message.now)
-            else:
-                return
-            if request is not None and not self._forward(request):
-                _log.warning("publish_abandoned", source=request.source, events=len(request.events))
+                self._publish(shell.tick(self._subscriber, message.now))
         finally:
             self._in_flight.done()
+
+    def _publish(self, request: PublishRequest | None) -> None:
+        """Send what the core returned to the bus at once (a core blocked on a later event
+        must not hold back what it made of an earlier one)."""
+        if request is not None and not self._forward(request):
+            shell.abandon(request)
+            _log.warning("publish_abandoned", source=request.source, events=len(request.events))
 
 
 # --- the runtime --------------------------------------------------------------------------

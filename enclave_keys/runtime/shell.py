@@ -22,9 +22,9 @@ import structlog
 
 from enclave_keys.bus import PublishRequest, Subscriber, qualified_type_name
 from enclave_keys.events import Event, HandlerFailed, StoredEvent
-from enclave_keys.handler import Ticking
+from enclave_keys.handler import StagedWrite, Staging, Ticking, settle_writes
 
-__all__ = ["RUNTIME_SOURCE", "deliver", "tick"]
+__all__ = ["RUNTIME_SOURCE", "abandon", "deliver", "tick"]
 
 _log = structlog.get_logger(__name__)
 
@@ -37,10 +37,12 @@ def deliver(subscriber: Subscriber, stored: StoredEvent) -> PublishRequest | Non
     try:
         events = _events(subscriber.handler.handle(stored))
     except Exception as exc:
+        settle_writes(_writes(subscriber), committed=False)
         return _failed(subscriber, stored, exc)
-    if not events:
+    writes = _writes(subscriber)
+    if not (events or writes):
         return None
-    return PublishRequest(events, subscriber.name, stored)
+    return PublishRequest(events, subscriber.name, stored, writes)
 
 
 def tick(subscriber: Subscriber, now: float) -> PublishRequest | None:
@@ -48,13 +50,27 @@ def tick(subscriber: Subscriber, now: float) -> PublishRequest | None:
     try:
         events = _events(cast(Ticking, subscriber.handler).tick(now))
     except Exception as exc:
+        settle_writes(_writes(subscriber), committed=False)
         _log.warning(
             "handler_tick_failed", handler=subscriber.name, error_type=qualified_type_name(exc)
         )
         return None
-    if not events:
+    writes = _writes(subscriber)
+    if not (events or writes):
         return None
-    return PublishRequest(events, subscriber.name)
+    return PublishRequest(events, subscriber.name, writes=writes)
+
+
+def abandon(request: PublishRequest) -> None:
+    """A request that will never reach the bus: settle its writes as not committed."""
+    settle_writes(request.writes, committed=False)
+
+
+def _writes(subscriber: Subscriber) -> tuple[StagedWrite, ...]:
+    """The writes a staging handler queued while it handled the last event or tick."""
+    if not subscriber.staging:
+        return ()
+    return cast(Staging, subscriber.handler).take_writes()
 
 
 def _events(returned: Iterable[Event]) -> tuple[Event, ...]:

@@ -191,6 +191,23 @@ class WriteBatch:
         self._check_open()
         self._operations.append(DeleteMeta(records.writable_meta_key(name)))
 
+    def mark(self) -> tuple[int, int]:
+        """A savepoint: how much this batch holds now (see :meth:`rewind`)."""
+        self._check_open()
+        return len(self._events), len(self._operations)
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """Drop everything recorded since ``mark``: a group commit rejects one request's
+        share of a batch and keeps the rest."""
+        self._check_open()
+        events, operations = mark
+        if not (0 <= events <= len(self._events) and 0 <= operations <= len(self._operations)):
+            raise StoreError("rewind to a mark this batch never had")
+        del self._events[events:]
+        del self._operations[operations:]
+        if not self._events:
+            self._first_sequence = None
+
     def _seal(self) -> PreparedBatch:
         """Close the batch to further recording and return what it holds."""
         self._open = False

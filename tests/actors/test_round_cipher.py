@@ -48,7 +48,7 @@ from enclave_keys.round_cipher import (
     LeasedRoundCipher,
     RoundCipherCore,
 )
-from enclave_keys.store import MemoryStore, Store
+from enclave_keys.store import MemoryStore, Store, WriteBatch
 from tests.actors.helpers import (
     T0,
     RecordingEntropy,
@@ -240,34 +240,47 @@ def test_no_key_for_a_round_whose_context_is_gone(core: RoundCipherCore, store: 
 
 
 class ClosingStore(MemoryStore):
-    """Closes the round's context right after the key is stored (the round ended)."""
+    """Closes a round's context right after each write commits (the round ended)."""
 
     def __init__(self, registry: ContextRegistry) -> None:
         super().__init__()
         self.registry = registry
-        self.blobs: list[bytes] = []
 
-    def put_key(self, round_id: RoundId, blob: bytes) -> None:
-        super().put_key(round_id, blob)
-        self.registry.close(round_id)
+    @contextmanager
+    def write(self) -> Iterator[WriteBatch]:
+        with super().write() as batch:
+            yield batch
+        self.registry.close(R)
 
 
-def test_round_ending_during_creation_leaves_nothing(
+def test_round_ending_during_creation_leaves_nothing_once_it_completes(
     ring: Keyring, registry: ContextRegistry
 ) -> None:
+    # The key was stored as the round ended: the round's RoundComplete, which the log
+    # orders after the RoundOpened, purges it.
     store = ClosingStore(registry)
     keeper = open_keeper(store, ring)
     core = RoundCipherCore(store, keeper, registry)
     registry.open(R)
-    assert core.handle(stored(opened())) == ()
+    core.handle(stored(requested()))
+    (ready,) = core.handle(stored(opened()))
+    assert isinstance(ready, RoundKeyReady)
+    assert store.key_count() == 1
+    (purged,) = core.handle(stored(RoundComplete(round_id=R)))
+    assert isinstance(purged, RoundPurged)
     assert store.key_count() == 0
     assert core.held_rounds() == []
     keeper.close()
 
 
 class FailingStore(MemoryStore):
-    def put_key(self, round_id: RoundId, blob: bytes) -> None:
-        raise StoreError("disk full")
+    """Every write fails to commit (nothing of it is applied)."""
+
+    @contextmanager
+    def write(self) -> Iterator[WriteBatch]:
+        with super().write() as batch:
+            yield batch
+            raise StoreError("disk full")
 
 
 class BrokenContext(RoundContext):
