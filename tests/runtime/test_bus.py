@@ -22,8 +22,8 @@ from enclave_keys.events import (
     RoundStageChanged,
     StoredEvent,
 )
-from enclave_keys.ids import EventId
-from enclave_keys.store import MemoryStore
+from enclave_keys.ids import EventId, RoundId
+from enclave_keys.store import MemoryStore, WriteBatch
 from tests.runtime.helpers import Answerer, FlakyStore, Recorder, Ticker, requested, stage
 
 START = 1_700_000_000.0
@@ -255,3 +255,70 @@ def test_qualified_type_names_are_valid_and_name_only_the_type() -> None:
     name = qualified_type_name(long())
     assert name == "L" * 256
     HandlerFailed(subscriber="x", failed_sequence=1, error_type=name)  # a valid field value
+
+
+# --- staged writes ----------------------------------------------------------------------
+
+
+class KeyWrite:
+    """A staged write that puts a key (or raises in ``apply``) and records its settling."""
+
+    def __init__(self, round_id: str, *, broken: bool = False) -> None:
+        self.round_id = RoundId(round_id)
+        self.broken = broken
+        self.settled: list[bool] = []
+
+    def apply(self, batch: WriteBatch) -> None:
+        if self.broken:
+            raise StoreError("cannot stage this write")
+        batch.put_key(self.round_id, b"wrapped")
+
+    def settle(self, committed: bool) -> None:
+        self.settled.append(committed)
+
+
+def with_writes(event: RoundRequested, *writes: KeyWrite) -> PublishRequest:
+    return PublishRequest((event,), "test", None, writes)
+
+
+def test_staged_writes_commit_with_their_events_and_are_settled_once() -> None:
+    bus = started_bus()
+    first, second = KeyWrite("e3:1"), KeyWrite("e3:2")
+    outcomes = bus.commit([with_writes(requested("e3:1"), first, second)])
+    assert outcomes[0].ok
+    assert first.settled == second.settled == [True]
+    assert {rid.value for rid, _ in bus.store.list_keys()} == {"e3:1", "e3:2"}
+
+
+def test_a_request_whose_write_cannot_be_staged_is_rejected_alone_with_its_events() -> None:
+    bus = started_bus()
+    good, broken, also_good = KeyWrite("e3:1"), KeyWrite("e3:2", broken=True), KeyWrite("e3:3")
+    sibling = KeyWrite("e3:4")  # staged before the broken one, in the same request
+    outcomes = bus.commit(
+        [
+            with_writes(requested("e3:1"), good),
+            with_writes(requested("e3:2"), sibling, broken),
+            with_writes(requested("e3:3"), also_good),
+        ]
+    )
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1].error, StoreError)
+    assert [s.round_id.value for s in bus.store.read_events() if s.round_id] == ["e3:1", "e3:3"]
+    assert {rid.value for rid, _ in bus.store.list_keys()} == {"e3:1", "e3:3"}
+    assert (good.settled, sibling.settled, broken.settled, also_good.settled) == (
+        [True],
+        [False],
+        [False],
+        [True],
+    )
+
+
+def test_a_failed_group_settles_every_write_as_not_committed() -> None:
+    store = FlakyStore()
+    bus = started_bus(store)
+    store.fail_attempt(1)
+    writes = [KeyWrite("e3:1"), KeyWrite("e3:2")]
+    outcomes = bus.commit([with_writes(requested(w.round_id.value), w) for w in writes])
+    assert not any(o.ok for o in outcomes)
+    assert [w.settled for w in writes] == [[False], [False]]
+    assert store.key_count() == 0

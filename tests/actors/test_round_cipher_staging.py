@@ -1,0 +1,226 @@
+"""The round cipher's staged writes: key puts and deletes that commit with its events.
+
+Under a runtime the core stages each put and delete; the bus applies them in the group's
+transaction and settles them. These tests drive the protocol by hand (to hold a write
+between staging and commit) and through the deterministic runtime with a failing store.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enclave_keys.clock import ManualClock
+from enclave_keys.context import ContextRegistry
+from enclave_keys.crypto import Keyring, read_wrapped_header
+from enclave_keys.epochs import EpochChange, EpochKeeper
+from enclave_keys.errors import LifecycleError, StoreError
+from enclave_keys.events import RoundComplete, RoundKeyReady, RoundOpened, RoundPurged
+from enclave_keys.handler import StagedWrite, Staging
+from enclave_keys.ids import RoundId
+from enclave_keys.round_cipher import ROUND_CIPHER, RoundCipherCore
+from enclave_keys.runtime import DeterministicRuntime
+from enclave_keys.store import MemoryStore, Store
+from enclave_keys.store.api import PreparedBatch, PutKey
+from tests.actors.helpers import (
+    T0,
+    StoreOpener,
+    lmdb_opener,
+    make_keyring,
+    memory_opener,
+    open_keeper,
+    stored,
+)
+
+R = RoundId("e3:staged")
+WAIT = 10.0  # bound on every wait for another thread
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
+    return memory_opener() if request.param == "memory" else lmdb_opener(tmp_path / "store")
+
+
+@pytest.fixture
+def store(opener: StoreOpener) -> Iterator[Store]:
+    opened = opener()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def ring() -> Iterator[Keyring]:
+    with make_keyring() as made:
+        yield made
+
+
+@pytest.fixture
+def keeper(store: Store, ring: Keyring) -> Iterator[EpochKeeper]:
+    made = open_keeper(store, ring, clock=ManualClock(T0), lease_timeout=WAIT)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def registry() -> ContextRegistry:
+    return ContextRegistry()
+
+
+@pytest.fixture
+def core(store: Store, keeper: EpochKeeper, registry: ContextRegistry) -> Iterator[RoundCipherCore]:
+    made = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
+    made.stage_writes()
+    yield made
+    made.wipe_all()
+
+
+def commit(store: Store, writes: tuple[StagedWrite, ...]) -> None:
+    """What the bus does with a group's writes: apply in one batch, then settle."""
+    with store.write() as batch:
+        for write in writes:
+            write.apply(batch)
+    for write in writes:
+        write.settle(committed=True)
+
+
+def stage_key(core: RoundCipherCore, registry: ContextRegistry) -> tuple[StagedWrite, ...]:
+    registry.open(R)
+    (ready,) = core.handle(stored(RoundOpened(round_id=R, deadline=T0 + 600)))
+    assert isinstance(ready, RoundKeyReady)
+    writes = core.take_writes()
+    assert len(writes) == 1
+    assert core.take_writes() == ()  # taken once
+    return writes
+
+
+def test_a_staging_core_is_a_staging_handler(core: RoundCipherCore) -> None:
+    assert isinstance(core, Staging)
+
+
+def test_a_staged_key_reaches_the_store_only_with_its_commit(
+    core: RoundCipherCore, store: Store, registry: ContextRegistry
+) -> None:
+    writes = stage_key(core, registry)
+    assert store.get_key(R) is None  # staged, not written
+    assert core.held_rounds() == [R]
+    commit(store, writes)
+    blob = store.get_key(R)
+    assert blob is not None
+    leased = registry.get(R)
+    assert leased is not None
+    assert read_wrapped_header(blob)[1] == leased.require(ROUND_CIPHER).key_id
+
+
+def test_a_ratchet_waits_for_a_staged_key_and_then_rewraps_it(
+    core: RoundCipherCore, store: Store, registry: ContextRegistry, keeper: EpochKeeper
+) -> None:
+    # The blob was wrapped under the current epoch. A ratchet that ran before it is
+    # stored would list the keys without it and destroy its epoch: the key would be lost.
+    before = keeper.epoch
+    writes = stage_key(core, registry)
+    changes: list[EpochChange] = []
+    ratchet = threading.Thread(target=lambda: changes.append(keeper.ratchet(timeout=WAIT)))
+    ratchet.start()
+    gate = keeper._gate  # no public view of the keeper's waiters
+    assert gate.wait_until(lambda g: g.exclusive_waiting == 1, WAIT)
+    assert not changes  # held out by the staged write's lease
+    commit(store, writes)
+    ratchet.join(WAIT)
+    assert not ratchet.is_alive()
+    assert keeper.epoch.number == before.number + 1
+    blob = store.get_key(R)
+    assert blob is not None
+    assert read_wrapped_header(blob)[0] == keeper.epoch  # rewrapped by the ratchet
+    context = registry.get(R)
+    assert context is not None
+    with context.require(ROUND_CIPHER).lease() as cipher:
+        assert cipher.open("test", cipher.seal("test", b"still works")) == b"still works"
+
+
+def test_a_staged_key_never_committed_is_taken_back_and_wiped(
+    core: RoundCipherCore, store: Store, registry: ContextRegistry, keeper: EpochKeeper
+) -> None:
+    writes = stage_key(core, registry)
+    context = registry.get(R)
+    assert context is not None
+    leased = context.require(ROUND_CIPHER)
+    for write in writes:
+        write.settle(committed=False)
+        write.settle(committed=False)  # idempotent
+    assert core.held_rounds() == []
+    assert context.get(ROUND_CIPHER) is None
+    assert leased.is_wiped
+    assert store.get_key(R) is None
+    keeper.ratchet(timeout=0.5)  # the epoch lease was released: no wait
+
+
+def test_a_staged_delete_never_committed_is_done_alone_and_lets_the_ratchet_in(
+    core: RoundCipherCore, store: Store, registry: ContextRegistry, keeper: EpochKeeper
+) -> None:
+    commit(store, stage_key(core, registry))
+    core.handle(stored(RoundOpened(round_id=R, deadline=T0 + 600)))  # no second key
+    assert core.take_writes() == ()
+    (purged,) = core.handle(stored(RoundComplete(round_id=R)))
+    assert isinstance(purged, RoundPurged)
+    (delete,) = core.take_writes()
+    assert store.get_key(R) is not None  # staged
+    assert keeper.pending_since is None
+    delete.settle(committed=False)  # its group failed, or the runtime stopped first
+    assert store.get_key(R) is None  # deleted alone
+    assert keeper.pending_since is not None  # the purge counts toward the window
+    keeper.ratchet(timeout=0.5)  # the ratchet guard was released
+
+
+class KeyGroupsFail(MemoryStore):
+    """A memory store whose commits fail whenever a batch would store a round key."""
+
+    def _commit(self, batch: PreparedBatch) -> None:
+        if any(isinstance(op, PutKey) for op in batch.operations):
+            raise StoreError("disk full")
+        super()._commit(batch)
+
+
+def test_a_failed_group_commit_leaves_neither_key_nor_announcement(ring: Keyring) -> None:
+    store = KeyGroupsFail()
+    keeper = open_keeper(store, ring, clock=ManualClock(T0), lease_timeout=WAIT)
+    registry = ContextRegistry()
+    core = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
+    runtime = DeterministicRuntime(store, ManualClock(T0), seed=1)
+    runtime.subscribe(core)  # the runtime turns staging on
+    runtime.start()
+    context = registry.open(R)
+    runtime.publish([RoundOpened(round_id=R, deadline=T0 + 600)], source="test")
+    with pytest.raises(StoreError):
+        runtime.wait_idle(WAIT)  # the core's group (key + RoundKeyReady) failed
+    tags = [s.tag for s in store.read_events()]
+    assert tags == [RoundOpened.TAG]  # no RoundKeyReady without its key
+    assert store.get_key(R) is None
+    assert core.held_rounds() == []
+    assert context.get(ROUND_CIPHER) is None
+    keeper.ratchet(timeout=0.5)  # the epoch lease went with the failed write
+    runtime.stop()
+    keeper.close()
+
+
+def test_a_stopped_runtime_settles_the_writes_it_never_committed(
+    store: Store, keeper: EpochKeeper, registry: ContextRegistry
+) -> None:
+    core = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
+    runtime = DeterministicRuntime(store, ManualClock(T0), seed=1, max_steps=1)
+    runtime.subscribe(core)
+    runtime.start()
+    others = [RoundId(f"e3:stopped{i}") for i in range(2)]
+    for rid in others:
+        registry.open(rid)
+    with pytest.raises(LifecycleError):  # one delivery allowed: the other stays queued
+        runtime.publish(
+            [RoundOpened(round_id=rid, deadline=T0 + 600) for rid in others], source="test"
+        )
+    assert core.held_rounds() == [others[0]]  # its key is staged, holding an epoch lease
+    runtime.stop()
+    assert core.held_rounds() == []
+    assert store.key_count() == 0
+    keeper.ratchet(timeout=0.5)  # no lease left behind
