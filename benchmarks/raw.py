@@ -79,6 +79,12 @@ class RawLog:
         with self.env.begin(write=True) as txn:
             txn.delete(key, db=self.keys)
 
+    def delete_keys(self, keys: Sequence[bytes]) -> None:
+        """One durable transaction deleting many blobs."""
+        with self.env.begin(write=True) as txn:
+            for key in keys:
+                txn.delete(key, db=self.keys)
+
     def close(self) -> None:
         self.env.close()
 
