@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -317,12 +318,7 @@ class LmdbStore(StoreBase):
             cursor = txn.cursor(db=self._events)
             if not cursor.set_range(records.sequence_key(start)):
                 return []
-            chunk: list[tuple[bytes, bytes]] = []
-            for item in cursor:
-                chunk.append(item)
-                if len(chunk) == count:
-                    break
-            return chunk
+            return list(islice(cursor, count))  # iterated in C: no Python step per record
 
         return self._read(work)
 

@@ -27,6 +27,7 @@ from enclave_keys.events import (
     Event,
     FailureReason,
     FieldKind,
+    FrozenStrMap,
     HandlerFailed,
     KekRotated,
     KeyshareCreated,
@@ -440,6 +441,34 @@ def test_out_of_range_values_and_cross_field_rules(field: str, value: int) -> No
         decode_event(pack(message))
 
 
+def length_cases() -> list[tuple[StoredEvent, str, str | bytes]]:
+    """For every str and bin field: one value too long and, if it has a minimum, too short."""
+    cases: list[tuple[StoredEvent, str, str | bytes]] = []
+    for sample in SAMPLES:
+        for spec in type(sample.payload).FIELDS:
+            if spec.kind is FieldKind.STR:
+                cases.append((sample, spec.name, "x" * (spec.hi + 1)))
+                if spec.lo > 0:
+                    cases.append((sample, spec.name, "x" * (spec.lo - 1)))
+            elif spec.kind is FieldKind.BYTES and spec.lo > 0:
+                cases.append((sample, spec.name, b"x" * (spec.lo - 1)))
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("sample", "name", "value"),
+    length_cases(),
+    ids=[f"{s.tag}.{n}:len={len(v)}" for s, n, v in length_cases()],
+)
+def test_each_str_and_bin_field_outside_its_length(
+    sample: StoredEvent, name: str, value: object
+) -> None:
+    message = wire(sample)
+    message[10][name] = value
+    with pytest.raises(MalformedEvent, match=name):
+        decode_event(pack(message))
+
+
 def test_handler_failed_error_type_must_be_a_qualified_name() -> None:
     [handler_failed] = [s for s in SAMPLES if isinstance(s.payload, HandlerFailed)]
     message = wire(handler_failed)
@@ -654,3 +683,198 @@ def test_codec_tables_are_built_once_per_type() -> None:
     for sample in SAMPLES:
         decode_event(encode_event(sample))
     assert all(codec._CODECS_BY_TAG[tag] is first[tag] for tag in EVENT_TYPES)
+
+
+# --- the canonical path ----------------------------------------------------------------------
+
+
+def checked(data: bytes) -> StoredEvent:
+    """Decode by the checked path alone: what decode_event did before the canonical path."""
+    return codec._decode_message(codec._unpack(data), canonical=False)
+
+
+ELEMENTS = [
+    "version",
+    "sequence",
+    "event_id",
+    "timestamp",
+    "round_id",
+    "causation_id",
+    "correlation_id",
+    "source",
+    "tag",
+    "schema",
+]
+
+
+def envelope(sample: StoredEvent, fields: bytes, **changes: object) -> bytes:
+    """The sample's envelope, some elements changed (by name), with a field map spliced in
+    as raw msgpack bytes (to write repeated keys, which packb cannot)."""
+    head = wire(sample)[:10]
+    for name, value in changes.items():
+        head[ELEMENTS.index(name)] = value
+    return b"\x9b" + b"".join(pack(item) for item in head) + fields
+
+
+def raw_map(*pairs: tuple[object, object]) -> bytes:
+    """A msgpack fixmap of ``pairs``, in that order, repeats included."""
+    assert len(pairs) < 16
+    return bytes([0x80 + len(pairs)]) + b"".join(pack(k) + pack(v) for k, v in pairs)
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
+def test_canonical_bytes_never_reach_the_checked_path(
+    sample: StoredEvent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded = encode_event(sample)
+
+    def unexpected(data: object) -> object:
+        raise AssertionError("the checked path ran")
+
+    monkeypatch.setattr(codec, "_unpack", unexpected)
+    decoded = decode_event(encoded)
+    assert decoded == sample
+    assert encode_event(decoded) == encoded
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
+def test_both_paths_build_equal_events(sample: StoredEvent) -> None:
+    encoded = encode_event(sample)
+    fast = codec._decode_canonical(encoded)
+    assert fast is not None
+    slow = checked(encoded)
+    assert fast == slow == sample
+    assert repr(fast) == repr(slow)
+    assert encode_event(fast) == encode_event(slow) == encoded
+
+
+def test_field_maps_out_of_key_order_go_to_the_checked_path_and_decode() -> None:
+    sample = SAMPLES[0]  # four fields
+    fields = wire(sample)[10]
+    reordered = envelope(sample, raw_map(*reversed(list(fields.items()))))
+    assert codec._decode_canonical(reordered) is None
+    assert decode_event(reordered) == sample
+    assert encode_event(decode_event(reordered)) == encode_event(sample)
+
+
+def test_bytearray_and_memoryview_take_the_checked_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoded = encode_event(SAMPLES[0])
+    calls: list[object] = []
+    unpack = codec._unpack
+
+    def counted(data: bytes | bytearray | memoryview) -> object:
+        calls.append(data)
+        return unpack(data)
+
+    monkeypatch.setattr(codec, "_unpack", counted)
+    assert decode_event(bytearray(encoded)) == SAMPLES[0]
+    assert decode_event(memoryview(encoded)) == SAMPLES[0]
+    assert len(calls) == 2
+
+
+def test_non_ascii_text_is_accepted_on_the_canonical_path() -> None:
+    payload = RoundFailed(
+        round_id=RID,
+        failed_at=RoundStage.COMPUTE,
+        reason=FailureReason.NO_INPUTS,
+        detail="keine Eingaben, aucune entrée ✗",
+    )
+    sample = stored(payload)
+    assert codec._decode_canonical(encode_event(sample)) == sample
+    requested = stored(
+        RoundRequested(
+            round_id=RID, deadline=1.0, threshold=1, committee_size=1, parameters={"é": "ü"}
+        )
+    )
+    assert codec._decode_canonical(encode_event(requested)) == requested
+
+
+def test_an_empty_parameter_map_decodes_on_both_paths() -> None:
+    sample = stored(RoundRequested(round_id=RID, deadline=1.0, threshold=1, committee_size=1))
+    encoded = encode_event(sample)
+    for decoded in (decode_event(encoded), checked(encoded)):
+        assert decoded == sample
+        parameters = decoded.payload.parameters  # type: ignore[attr-defined]
+        assert type(parameters) is FrozenStrMap
+        assert parameters == {}
+
+
+def test_a_repeated_field_key_is_refused_with_the_right_number_of_entries() -> None:
+    """Two entries for a two-field type, but one key twice: no key may stand in for another."""
+    round_key_ready = SAMPLES[6]
+    assert isinstance(round_key_ready.payload, RoundKeyReady)
+    for pairs in (
+        (("kek_version", 3), ("kek_version", 3)),
+        (("key_id", KID.raw), ("key_id", KID.raw)),
+        (("kek_version", 3), ("key_id", KID.raw), ("key_id", KID.raw)),
+    ):
+        data = envelope(round_key_ready, raw_map(*pairs))
+        assert codec._decode_canonical(data) is None
+        with pytest.raises(MalformedEvent, match="repeated"):
+            decode_event(data)
+
+
+def test_a_repeated_key_anywhere_is_refused_before_any_other_defect() -> None:
+    """As before the canonical path: the unpacker refuses a repeated key first, so the
+    error does not depend on which other check would have failed."""
+    sample = SAMPLES[3]  # round.stage_changed: one field, "stage"
+    repeated = raw_map(("stage", "compute"), ("stage", "compute"))
+    head = wire(sample)[:10]
+    in_the_envelope = (  # a map with a repeated key where the source belongs
+        b"\x9b"
+        + b"".join(pack(item) for item in head[:7])
+        + raw_map(("a", 1), ("a", 2))
+        + b"".join(pack(item) for item in head[8:])
+        + raw_map(("stage", "compute"))
+    )
+    for data in [
+        envelope(sample, repeated),
+        envelope(sample, repeated, version=2),
+        envelope(sample, repeated, tag="round.exploded"),
+        envelope(sample, repeated, schema=9),
+        envelope(sample, repeated) + b"\x00",
+        in_the_envelope,
+    ]:
+        assert codec._decode_canonical(data) is None
+        with pytest.raises(MalformedEvent, match="repeated"):
+            decode_event(data)
+
+
+def malformed_inputs() -> list[bytes]:
+    """Every malformed input built above, and truncated and extended samples."""
+    inputs = [altered(SAMPLES[4], index, value) for index, value in ENVELOPE_WRONG]
+    for sample, name, value in [*field_cases(), *length_cases()]:
+        message = wire(sample)
+        message[10][name] = value
+        inputs.append(pack(message))
+    for sample in SAMPLES:
+        encoded = encode_event(sample)
+        inputs += [encoded[:-1], encoded[: len(encoded) // 2], encoded + b"\xc0"]
+        inputs.append(altered(sample, 10, {**wire(sample)[10], "surprise": 1}))
+    inputs += corrupted_inputs()
+    return inputs
+
+
+def test_the_canonical_path_accepts_nothing_the_checked_path_refuses() -> None:
+    """And decode_event reports exactly the checked path's error, message included."""
+    for data in malformed_inputs():
+        assert codec._decode_canonical(data) is None
+        with pytest.raises(CodecError) as expected:
+            checked(data)
+        with pytest.raises(CodecError) as got:
+            decode_event(data)
+        assert type(got.value) is type(expected.value)
+        assert str(got.value) == str(expected.value)
+        # nothing chained from the canonical path's attempt
+        assert type(got.value.__context__) is type(expected.value.__context__)
+        assert type(got.value.__cause__) is type(expected.value.__cause__)
+
+
+def test_compiled_readers_are_built_from_names_and_integer_bounds_only() -> None:
+    for cls in EVENT_TYPES.values():
+        type_codec = codec._codec_for_class(cls)
+        source = type_codec.source
+        assert source.startswith("def read_pairs(round_id, fields):\n")
+        for name, _ in type_codec.fields:
+            assert source.count(repr(name)) == 1  # in the key check, nowhere else
+        compile(source, "<check>", "exec")

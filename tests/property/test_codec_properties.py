@@ -7,6 +7,7 @@ import msgpack
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from enclave_keys import codec
 from enclave_keys.codec import decode_event, encode_event
 from enclave_keys.errors import CodecError, TrailingBytes, TruncatedData
 from enclave_keys.events import EVENT_TYPES, Event, FieldKind, StoredEvent
@@ -138,3 +139,61 @@ def test_structured_mutations_decode_or_raise_codec_errors(
     decoded = decode_or_codec_error(msgpack.packb(message, use_bin_type=True))
     if decoded is not None:
         assert decode_event(encode_event(decoded)) == decoded
+
+
+# --- the canonical path agrees with the checked path ------------------------------------------
+
+
+def checked_or_none(data: bytes) -> StoredEvent | None:
+    """The checked path alone (decode_event before the canonical path), or None."""
+    try:
+        return codec._decode_message(codec._unpack(data), canonical=False)
+    except CodecError:
+        return None
+
+
+def assert_paths_agree(data: bytes) -> None:
+    """The canonical path accepts only what the checked path accepts, as an equal event."""
+    fast = codec._decode_canonical(data)
+    if fast is not None:
+        slow = checked_or_none(data)
+        assert slow is not None, "the canonical path accepted input the checked path refuses"
+        assert fast == slow
+        assert type(fast.payload) is type(slow.payload)
+        assert encode_event(fast) == encode_event(slow)
+
+
+@FAST
+@given(stored_events(times=ANY_FINITE))
+def test_canonical_encodings_take_the_canonical_path(stored: StoredEvent) -> None:
+    assert codec._decode_canonical(encode_event(stored)) == stored
+
+
+@FAST
+@given(stored_events(), st.lists(st.integers(min_value=0), min_size=1, max_size=4))
+def test_the_paths_agree_on_bit_flipped_input(stored: StoredEvent, positions: list[int]) -> None:
+    encoded = bytearray(encode_event(stored))
+    for position in positions:
+        bit = position % (len(encoded) * 8)
+        encoded[bit // 8] ^= 1 << (bit % 8)
+    assert_paths_agree(bytes(encoded))
+
+
+@FAST
+@given(stored_events(), st.data())
+def test_the_paths_agree_on_structured_mutations(stored: StoredEvent, data: st.DataObject) -> None:
+    message = msgpack.unpackb(encode_event(stored), raw=False)
+    fields = message[10]
+    target = data.draw(st.sampled_from([*range(11), *(f"field:{name}" for name in fields)]))
+    value = data.draw(MSGPACK_VALUES)
+    if isinstance(target, int):
+        message[target] = value
+    else:
+        fields[target.removeprefix("field:")] = value
+    assert_paths_agree(msgpack.packb(message, use_bin_type=True))
+
+
+@FAST
+@given(st.binary(max_size=512))
+def test_the_paths_agree_on_arbitrary_bytes(data: bytes) -> None:
+    assert_paths_agree(data)
