@@ -29,15 +29,20 @@ READ_CHUNK = 256
 def decode_event_record(raw_key: bytes, raw_value: bytes) -> StoredEvent:
     """Decode one stored event, or raise :class:`CorruptRecord` (never a codec error)."""
     sequence = records.parse_sequence_key(raw_key, db="events")
+    stored = _decode_value(sequence, raw_value)
+    if stored.sequence != sequence:
+        raise CorruptRecord(f"event record {sequence} holds an event numbered {stored.sequence}")
+    return stored
+
+
+def _decode_value(sequence: int, raw_value: bytes) -> StoredEvent:
+    """The event in record ``sequence``; :class:`CorruptRecord` if it cannot be decoded."""
     try:
-        stored = decode_event(raw_value)
+        return decode_event(raw_value)
     except CodecError as exc:
         raise CorruptRecord(
             f"event record {sequence} cannot be decoded ({type(exc).__name__})"
         ) from exc
-    if stored.sequence != sequence:
-        raise CorruptRecord(f"event record {sequence} holds an event numbered {stored.sequence}")
-    return stored
 
 
 class StoreBase(SingleWrites):
@@ -157,6 +162,15 @@ class StoreBase(SingleWrites):
             self._check_open()
             chunk = self._event_records(expected, count)
             for raw_key, raw_value in chunk:
+                # The record key is the one this position must have, and the event inside
+                # carries the same number: a gap, a renumbered or a moved record fails one
+                # of the two, and then the full decode below says which it is.
+                if raw_key == records.sequence_key(expected):
+                    stored = _decode_value(expected, raw_value)
+                    if stored.sequence == expected:
+                        yield stored
+                        expected += 1
+                        continue
                 stored = decode_event_record(raw_key, raw_value)
                 if stored.sequence != expected:
                     raise CorruptRecord(
