@@ -4,33 +4,52 @@ node restores it.
 :class:`StateReader` checks the outer map and its version, then reads fields one by one;
 every check that fails raises :class:`~enclave_keys.errors.CorruptRecord` with a message
 prefixed by what is being read (``"router snapshot: unknown stage"``).
+
+A snapshot names every live round several times (router, reaper, keyshare). The readers
+of one restore can share a :data:`KnownRoundIds` table: each distinct round id text is
+then validated and built into a :class:`~enclave_keys.ids.RoundId` once, and the cores
+share that one object.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeAlias, TypeVar
 
 from enclave_keys.errors import CorruptRecord, InvalidIdentifier
 from enclave_keys.events import MAX_CIPHERTEXT_LEN, RoundStage
 from enclave_keys.ids import KeyId, RoundId
 
-__all__ = ["StateReader"]
+__all__ = ["DEFAULT_HORIZON", "KnownRoundIds", "RecentRounds", "StateReader"]
 
 _T = TypeVar("_T")
+
+KnownRoundIds: TypeAlias = dict[str, RoundId]
+"""Round ids already validated, by their text (see the module docstring)."""
+
+_STAGES: Final[dict[str, RoundStage]] = {stage.value: stage for stage in RoundStage}
 
 
 class StateReader:
     """Reads a core's snapshot ``state``: a map whose ``"version"`` is ``version``.
 
-    ``what`` names it in error messages (``"keyshare snapshot"``).
+    ``what`` names it in error messages (``"keyshare snapshot"``). ``round_ids``: a table
+    shared with the other readers of the same restore (a fresh one by default).
     """
 
-    __slots__ = ("_data", "_what")
+    __slots__ = ("_data", "_round_ids", "_what")
 
-    def __init__(self, what: str, state: object, *, version: int) -> None:
+    def __init__(
+        self,
+        what: str,
+        state: object,
+        *,
+        version: int,
+        round_ids: KnownRoundIds | None = None,
+    ) -> None:
         self._what = what
+        self._round_ids: KnownRoundIds = {} if round_ids is None else round_ids
         self._data = self.map(state)
         if self._data.get("version") != version:
             raise self.corrupt("unknown version")
@@ -47,13 +66,23 @@ class StateReader:
         return list(value)
 
     def map(self, value: object) -> Mapping[str, Any]:
+        if type(value) is dict:  # what msgpack gives: skip the slower ABC check
+            return value
         if not isinstance(value, Mapping):
             raise self.corrupt("expected a map")
         return value
 
     def round_id(self, value: object) -> RoundId:
+        if type(value) is str:  # what msgpack gives; a str subclass is never a table key
+            known = self._round_ids.get(value)
+            if known is None:
+                known = self._round_ids[value] = self._new_round_id(value)
+            return known
         if not isinstance(value, str):
             raise self.corrupt("round id must be text")
+        return self._new_round_id(value)
+
+    def _new_round_id(self, value: str) -> RoundId:
         try:
             return RoundId(value)
         except InvalidIdentifier:
@@ -75,12 +104,15 @@ class StateReader:
         return value
 
     def stage(self, value: object) -> RoundStage:
-        if not isinstance(value, str) or value not in RoundStage._value2member_map_:
+        stage = _STAGES.get(value) if isinstance(value, str) else None
+        if stage is None:
             raise self.corrupt("unknown stage")
-        return RoundStage(value)
+        return stage
 
     def finite(self, value: object, name: str) -> float:
         """An int or float (not a bool) that is finite."""
+        if type(value) is float and math.isfinite(value):  # the common case, first
+            return value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.corrupt(f"{name} must be a number")
         if not math.isfinite(value):
@@ -117,12 +149,19 @@ class RecentRounds:
     __slots__ = ("_horizon", "_ids")
 
     def __init__(self, horizon: int = DEFAULT_HORIZON, rounds: Iterable[RoundId] = ()) -> None:
+        """``rounds`` are added in order, as by :meth:`add` one by one."""
         if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
             raise ValueError("horizon must be a positive int")
         self._horizon = horizon
-        self._ids: dict[RoundId, None] = {}
+        ids: dict[RoundId, None] = {}
         for rid in rounds:
-            self.add(rid)
+            ids.pop(rid, None)
+            ids[rid] = None
+        # Trimming once at the end keeps the same ids as trimming after each add: the
+        # ``horizon`` most recently added.
+        if len(ids) > horizon:
+            ids = dict.fromkeys(list(ids)[-horizon:])
+        self._ids = ids
 
     @property
     def horizon(self) -> int:

@@ -28,7 +28,7 @@ from typing import Any, Final
 import structlog
 
 from enclave_keys.context import ContextRegistry
-from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
+from enclave_keys.core_state import DEFAULT_HORIZON, KnownRoundIds, RecentRounds, StateReader
 from enclave_keys.crypto import Entropy, SecretBytes
 from enclave_keys.errors import (
     ContextClosed,
@@ -274,10 +274,13 @@ class KeyshareCore:
             "ended": [rid.value for rid in self._ended],
         }
 
-    def restore_state(self, state: object) -> None:
+    def restore_state(self, state: object, *, round_ids: KnownRoundIds | None = None) -> None:
         """Replace the state with a snapshot; :class:`CorruptRecord` (changing nothing)
-        when it is malformed."""
-        reader = StateReader("keyshare snapshot", state, version=_SNAPSHOT_VERSION)
+        when it is malformed. ``round_ids``: a table shared with the other cores restored
+        from the same snapshot."""
+        reader = StateReader(
+            "keyshare snapshot", state, version=_SNAPSHOT_VERSION, round_ids=round_ids
+        )
         shares = reader.unique(
             (
                 reader.round_id(item.get("round_id")),

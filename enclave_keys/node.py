@@ -15,7 +15,8 @@ reaper and keyshare cores, re-hydrate every live round's cipher from the key sto
 the recovery sweep — a stored key whose round is not live is purged now; a live round
 whose key is missing (or cannot be unwrapped) is failed with a clear reason; a hydrated
 round that has no keyshare yet is announced again (``RoundKeyReady``) so its consumers
-finish. Snapshots are taken every ``snapshot_every`` events and on stop.
+finish. Snapshots are taken every ``snapshot_every`` events (less often while more rounds
+than that are live) and on stop.
 
 A node initialised with a Shamir share set starts *sealed*: ``Node.open(dir)`` without a
 source, then :meth:`Node.submit_share` once per share until the threshold is reached.
@@ -37,7 +38,9 @@ import structlog
 
 from enclave_keys.bus import EventBus, PublishRequest
 from enclave_keys.clock import Clock, SystemClock
+from enclave_keys.collector import collector_paused
 from enclave_keys.context import ContextRegistry
+from enclave_keys.core_state import KnownRoundIds
 from enclave_keys.crypto.hardening import harden_process
 from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper, EpochRecovery
 from enclave_keys.errors import CorruptRecord, LifecycleError, Sealed
@@ -76,7 +79,7 @@ class NodeConfig:
 
     runtime: Literal["pykka", "deterministic"] = "pykka"
     seed: int = 0  # deterministic runtime only: event ids and subscriber order
-    snapshot_every: int = 1000  # events between snapshots (and one on stop)
+    snapshot_every: int = 1000  # events between snapshots, at least (and one on stop)
     reaper_grace: float = 30.0  # seconds past a round's deadline before it is failed
     share_size: int = 32  # bytes of keyshare material the reference keyshare actor makes
     lease_timeout: float = 5.0  # bounded wait of a purge for open leases
@@ -363,30 +366,32 @@ class Node:
         self._master = master
         cfg = self._config
         try:
-            self._epochs, epoch_recovery = EpochKeeper.open(
-                self._store,
-                master,
-                clock=self._clock,
-                window=cfg.epoch_window,
-                lease_timeout=cfg.lease_timeout,
-            )
-            cores = self._build_cores(self._epochs)
-            snapshot_sequence = self._restore_snapshot(cores)
-            if snapshot_sequence is None:
-                # No snapshot, or an unreadable one: start from scratch, replay everything.
-                self._close_contexts()
+            # The live state is built all at once: see enclave_keys.collector.
+            with collector_paused():
+                self._epochs, epoch_recovery = EpochKeeper.open(
+                    self._store,
+                    master,
+                    clock=self._clock,
+                    window=cfg.epoch_window,
+                    lease_timeout=cfg.lease_timeout,
+                )
                 cores = self._build_cores(self._epochs)
-            self._cores = cores
-            replayed = self._replay(cores, after=snapshot_sequence or 0)
-            report = cores.round_cipher.hydrate(list(cores.router.open_rounds()))
-            self._runtime = self._build_runtime(cores)
-            self._runtime.start()
-            self._recovery = self._sweep(snapshot_sequence, replayed, report, epoch_recovery)
-            # Whatever was purged before this start (a crash may have cut a window
-            # short) has its epoch destroyed now.
-            self._epochs.ratchet("start")
-            if cfg.runtime == "pykka":
-                self._epochs.start_timer()
+                snapshot_sequence = self._restore_snapshot(cores)
+                if snapshot_sequence is None:
+                    # No snapshot, or an unreadable one: start from scratch, replay everything.
+                    self._close_contexts()
+                    cores = self._build_cores(self._epochs)
+                self._cores = cores
+                replayed = self._replay(cores, after=snapshot_sequence or 0)
+                report = cores.round_cipher.hydrate(list(cores.router.open_rounds()))
+                self._runtime = self._build_runtime(cores)
+                self._runtime.start()
+                self._recovery = self._sweep(snapshot_sequence, replayed, report, epoch_recovery)
+                # Whatever was purged before this start (a crash may have cut a window
+                # short) has its epoch destroyed now.
+                self._epochs.ratchet("start")
+                if cfg.runtime == "pykka":
+                    self._epochs.start_timer()
         except BaseException:
             self._shut_down()
             raise
@@ -433,10 +438,13 @@ class Node:
         latest = self._store.latest_snapshot()
         if latest is None:
             return None
+        # One table for all cores: a live round's id is validated once, not once per core
+        # that names it, and the cores share the one RoundId.
+        round_ids: KnownRoundIds = {}
         try:
             snap = NodeSnapshot.from_bytes(latest[1])
             for core in cores.replayed_by_log:
-                core.restore_state(snap.cores.get(core.name))
+                core.restore_state(snap.cores.get(core.name), round_ids=round_ids)
         except CorruptRecord:
             _log.warning("snapshot_unreadable", sequence=latest[0])
             return None
@@ -489,15 +497,17 @@ class Node:
                 )
             )
 
-        with_share = set(cores.keyshare.rounds_with_keyshare())
+        keyshare = cores.keyshare
+        ended = set(ending)
         reannounced = []
         kek_version = self.epochs.kek_version
         for rid in report.hydrated:
+            if rid in ended or keyshare.keyshare_of(rid) is not None:
+                continue
+            # Hydrated: its key was just read, and its cipher has the key id.
             context = self._registry.get(rid)
             leased = None if context is None else context.get(ROUND_CIPHER)
-            if rid in with_share or leased is None:  # hydrated: its key was just read
-                continue
-            if rid in ending:
+            if leased is None:
                 continue
             reannounced.append(rid)
             to_publish.append(
@@ -647,5 +657,12 @@ class Node:
         return self._runtime
 
     def _maybe_snapshot(self) -> None:
-        if self._store.last_sequence() - self._last_snapshot >= self._config.snapshot_every:
+        """Snapshot every ``snapshot_every`` events — or, with more live rounds than that,
+        every as many events as there are live rounds: a snapshot costs in proportion to
+        the live rounds (and, on Pykka, waits for the actors to settle), so taking one per
+        ``snapshot_every`` events would make a busy node's cost per event grow with its
+        size. A restart then replays at most about as many events as the snapshot holds
+        rounds."""
+        due = max(self._config.snapshot_every, len(self._registry))
+        if self._store.last_sequence() - self._last_snapshot >= due:
             self.snapshot()

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import structlog
 
-from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
+from enclave_keys.core_state import DEFAULT_HORIZON, KnownRoundIds, RecentRounds, StateReader
 from enclave_keys.events import (
     Event,
     FailureReason,
@@ -169,10 +169,13 @@ class ReaperCore:
             "requested": [rid.value for rid in self._requested],
         }
 
-    def restore_state(self, state: object) -> None:
+    def restore_state(self, state: object, *, round_ids: KnownRoundIds | None = None) -> None:
         """Replace the state with a snapshot; :class:`CorruptRecord` (changing nothing)
-        when it is malformed."""
-        reader = StateReader("reaper snapshot", state, version=_SNAPSHOT_VERSION)
+        when it is malformed. ``round_ids``: a table shared with the other cores restored
+        from the same snapshot."""
+        reader = StateReader(
+            "reaper snapshot", state, version=_SNAPSHOT_VERSION, round_ids=round_ids
+        )
         completed = RecentRounds(
             self._completed.horizon, map(reader.round_id, reader.items("completed"))
         )

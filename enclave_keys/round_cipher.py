@@ -466,32 +466,40 @@ class RoundCipherCore:
         that are not live are reported as orphans and left in the store for the node's
         recovery sweep (:meth:`purge_orphan`).
         """
-        live = set(live_rounds)
+        live = {rid: rid for rid in live_rounds}  # the caller's ids: stored ones are copies
         hydrated: list[RoundId] = []
         orphans: list[RoundId] = []
         failed: list[HydrationFailure] = []
-        with ExitStack() as lease:
-            try:
-                epoch: EpochKey | None = lease.enter_context(self._epochs.active_epoch())
-            except Exception as exc:
-                _log.error("round_key_hydration_no_epoch", error_type=type(exc).__qualname__)
-                epoch = None
-            for rid, blob in self._store.list_keys():
-                if rid not in live:
-                    orphans.append(rid)
-                elif self.cipher_of(rid) is not None:
-                    hydrated.append(rid)
-                else:
-                    problem = self._hydrate_one(rid, blob, epoch)
-                    if problem is None:
+        with self._lock:
+            held_before = set(self._held)
+        restored: dict[RoundId, LeasedRoundCipher] = {}
+        try:
+            with ExitStack() as lease:
+                try:
+                    epoch: EpochKey | None = lease.enter_context(self._epochs.active_epoch())
+                except Exception as exc:
+                    _log.error("round_key_hydration_no_epoch", error_type=type(exc).__qualname__)
+                    epoch = None
+                for stored_rid, blob in self._store.list_keys():
+                    rid = live.get(stored_rid)
+                    if rid is None:
+                        orphans.append(stored_rid)
+                    elif rid in held_before:
                         hydrated.append(rid)
                     else:
-                        failed.append(problem)
+                        problem = self._hydrate_one(rid, blob, epoch, restored)
+                        if problem is None:
+                            hydrated.append(rid)
+                        else:
+                            failed.append(problem)
+        finally:  # whatever is in a context is held, so wipe_all() finds it
+            with self._lock:
+                self._held.update(restored)
         have_key = set(hydrated) | {f.round_id for f in failed}
         report = HydrationReport(
             hydrated=tuple(sorted(hydrated)),
             orphans=tuple(sorted(orphans)),
-            missing=tuple(sorted(live - have_key)),
+            missing=tuple(sorted(live.keys() - have_key)),
             failed=tuple(sorted(failed, key=lambda f: f.round_id)),
         )
         _log.info(
@@ -504,28 +512,38 @@ class RoundCipherCore:
         return report
 
     def _hydrate_one(
-        self, rid: RoundId, blob: bytes, epoch: EpochKey | None
+        self,
+        rid: RoundId,
+        blob: bytes,
+        epoch: EpochKey | None,
+        restored: dict[RoundId, LeasedRoundCipher],
     ) -> HydrationFailure | None:
+        if epoch is None:
+            return self._not_hydrated(rid, blob, None)
+        try:
+            cipher = unwrap_round_key(epoch, rid, blob, entropy=self._entropy)
+        except UnwrapFailed:
+            return self._not_hydrated(rid, blob, epoch)
+        leased = LeasedRoundCipher(cipher)
+        try:
+            self._registry.open(rid).put(ROUND_CIPHER, leased)
+        except ContextClosed:
+            cipher.wipe()
+            return self._hydration_failed(
+                rid, HydrationProblem.CONTEXT_CLOSED, leased.key_id, epoch.number
+            )
+        restored[rid] = leased
+        return None
+
+    def _not_hydrated(self, rid: RoundId, blob: bytes, epoch: EpochKey | None) -> HydrationFailure:
+        """Why ``blob`` did not unwrap: its header is read only on this path."""
         try:
             number, key_id = read_wrapped_header(blob)
         except UnwrapFailed:
             return self._hydration_failed(rid, HydrationProblem.MALFORMED_BLOB)
         if epoch is None or number != epoch.number:
             return self._hydration_failed(rid, HydrationProblem.EPOCH_UNAVAILABLE, key_id, number)
-        try:
-            cipher = unwrap_round_key(epoch, rid, blob, entropy=self._entropy)
-        except UnwrapFailed:
-            return self._hydration_failed(rid, HydrationProblem.UNWRAP_FAILED, key_id, number)
-        leased = LeasedRoundCipher(cipher)
-        try:
-            self._registry.open(rid).put(ROUND_CIPHER, leased)
-        except ContextClosed:
-            cipher.wipe()
-            return self._hydration_failed(rid, HydrationProblem.CONTEXT_CLOSED, key_id, number)
-        with self._lock:
-            self._held[rid] = leased
-        _log.debug("round_key_hydrated", round_id=rid.value, key_id=key_id.hex())
-        return None
+        return self._hydration_failed(rid, HydrationProblem.UNWRAP_FAILED, key_id, number)
 
     @staticmethod
     def _hydration_failed(

@@ -36,7 +36,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from enclave_keys.context import ContextRegistry
-from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds, StateReader
+from enclave_keys.core_state import DEFAULT_HORIZON, KnownRoundIds, RecentRounds, StateReader
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareFailed,
@@ -59,6 +59,7 @@ from enclave_keys.ids import RoundId
 __all__ = [
     "DEFAULT_HORIZON",
     "OWN_OUTPUTS",
+    "ROUTED",
     "Action",
     "Decision",
     "OpenRound",
@@ -83,6 +84,17 @@ OWN_OUTPUTS: Final[frozenset[type[Event]]] = frozenset(
     }
 )
 """Events our own actors publish: never reported as ``RoundAlreadyCompleted``."""
+
+ROUTED: Final[tuple[type[Event], ...]] = (
+    RoundRequested,
+    RoundStageChanged,
+    RoundComplete,
+    RoundFailed,
+    DecryptionShareRequested,
+)
+"""The events :func:`route` can act on; it ignores every other event (a property test
+checks this), so the router subscribes to these alone — most of a round's events never
+reach it."""
 
 _SNAPSHOT_VERSION: Final = 1
 
@@ -315,13 +327,15 @@ class RouterState:
             "completed": [rid.value for rid in self._completed],
         }
 
-    def restore(self, state: object) -> None:
+    def restore(self, state: object, *, round_ids: KnownRoundIds | None = None) -> None:
         """Replace the state with a :meth:`snapshot`; :class:`CorruptRecord` if malformed.
 
         Completed rounds beyond the horizon are dropped, oldest first. Nothing changes
-        when the input is malformed.
+        when the input is malformed. ``round_ids``: shared with the other cores' restores.
         """
-        reader = StateReader("router snapshot", state, version=_SNAPSHOT_VERSION)
+        reader = StateReader(
+            "router snapshot", state, version=_SNAPSHOT_VERSION, round_ids=round_ids
+        )
         opened = reader.unique(
             (
                 reader.round_id(item.get("round_id")),
@@ -335,7 +349,7 @@ class RouterState:
             for item in map(reader.map, reader.items("open"))
         )
         completed = [reader.round_id(raw) for raw in reader.items("completed")]
-        if opened.keys() & set(completed):
+        if not opened.keys().isdisjoint(completed):
             raise reader.corrupt("a round is both open and completed")
         self._open, self._completed = opened, RecentRounds(self._horizon, completed)
 
@@ -350,7 +364,7 @@ class RouterCore:
     """
 
     name: Final = "router"
-    subscriptions: Final = None
+    subscriptions: Final[tuple[type[Event], ...]] = ROUTED
 
     def __init__(self, registry: ContextRegistry, *, horizon: int = DEFAULT_HORIZON) -> None:
         self._registry = registry
@@ -401,12 +415,13 @@ class RouterCore:
         "ending"}, ...], "completed": [round id, ...]}`` (oldest completion first)."""
         return self._state.snapshot()
 
-    def restore_state(self, state: object) -> None:
+    def restore_state(self, state: object, *, round_ids: KnownRoundIds | None = None) -> None:
         """Replace the state with a snapshot and open the contexts of its open rounds.
 
         Raises :class:`CorruptRecord` (changing nothing) when ``state`` is malformed.
+        ``round_ids``: a table shared with the other cores restored from the same snapshot.
         """
-        self._state.restore(state)
+        self._state.restore(state, round_ids=round_ids)
         for rid in self._state.open_rounds():
             self._registry.open(rid)
 

@@ -31,6 +31,21 @@ def test_round_id_rejects_non_ascii_bytes_and_non_str() -> None:
         RoundId(42)  # type: ignore[arg-type]
 
 
+def test_round_id_equality_and_hash_go_by_the_text() -> None:
+    a, same, other = RoundId("e3:1"), RoundId("e3:1"), RoundId("e3:2")
+    assert a == same
+    assert hash(a) == hash(same)
+    assert not a != same  # noqa: SIM202 - the != operator itself is under test
+    assert a != other
+    assert {a: 1}[same] == 1
+    assert other not in {a}
+    # never equal to the bare text, nor to another id type
+    assert a != "e3:1"
+    assert a.__eq__("e3:1") is NotImplemented
+    assert a != KeyId(b"e3:1".ljust(16, b"\x00"))
+    assert sorted([other, a]) == [a, other]
+
+
 def test_invalid_identifier_is_catchable_as_root_and_value_error() -> None:
     with pytest.raises(EnclaveKeysError):
         RoundId("")

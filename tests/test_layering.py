@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "enclave_keys.ids": 0,
     "enclave_keys.clock": 0,
     "enclave_keys.log": 0,
+    "enclave_keys.collector": 0,
     "enclave_keys.events": 1,
     "enclave_keys.codec": 1,
     "enclave_keys.crypto": 2,

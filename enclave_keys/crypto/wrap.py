@@ -33,7 +33,7 @@ under the key it names, and a round key only for the round it was made for.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, TypeVar
 
 import structlog
 from cryptography.exceptions import InvalidTag
@@ -70,11 +70,16 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
+_T = TypeVar("_T")
+
 WRAPPED_KEY_VERSION: Final = 0x02
 _KEY_HEADER: Final = 1 + 8 + KeyId.SIZE
 _KEY_BODY: Final = _KEY_HEADER + NONCE_SIZE
 WRAPPED_KEY_SIZE: Final = _KEY_HEADER + NONCE_SIZE + KEY_SIZE + TAG_SIZE
 _KEY_DOMAIN: Final = b"enclave_keys/round-key-wrap/v2"
+# frame(_KEY_DOMAIN, header, round id) starts with these bytes (the header is always
+# _KEY_HEADER long): built once, so a key's AAD is one concatenation (see _key_aad).
+_KEY_AAD_HEAD: Final = frame(_KEY_DOMAIN) + _KEY_HEADER.to_bytes(2, "big")
 
 WRAPPED_EPOCH_VERSION: Final = 0x01
 _EPOCH_HEADER: Final = 1 + 4 + 8
@@ -110,9 +115,9 @@ def _check_blob(blob: object, size: int, version: int, what: str) -> bytes:
     return blob
 
 
-def _parse(parse: Callable[[bytes], object], raw: bytes, what: str) -> None:
+def _parse(parse: Callable[[bytes], _T], raw: bytes, what: str) -> _T:
     try:
-        parse(raw)
+        return parse(raw)
     except InvalidIdentifier:
         raise UnwrapFailed(what) from None
 
@@ -120,18 +125,30 @@ def _parse(parse: Callable[[bytes], object], raw: bytes, what: str) -> None:
 # --- round key under epoch key ----------------------------------------------------------------
 
 
+def _round_field(round_id: RoundId) -> bytes:
+    """The round id as the last AAD field of a wrapped round key (a round id is at most
+    128 bytes, so its length always fits the 2-byte prefix)."""
+    raw = round_id.to_bytes()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _key_aad(header: bytes, round_field: bytes) -> bytes:
+    """``frame(_KEY_DOMAIN, header, round id)`` for a ``_KEY_HEADER``-byte header."""
+    return _KEY_AAD_HEAD + header + round_field
+
+
 def wrap_round_key(epoch: EpochKey, cipher: RoundCipher) -> bytes:
     """Encrypt ``cipher``'s key under ``epoch``, bound to its round id and key id."""
     header = bytes([WRAPPED_KEY_VERSION]) + epoch.number.to_bytes() + cipher.key_id.raw
-    aad = frame(_KEY_DOMAIN, header, cipher.round_id.to_bytes())
+    aad = _key_aad(header, _round_field(cipher.round_id))
     return _seal_key(epoch, header, aad, cipher)
 
 
 def read_wrapped_header(blob: bytes) -> tuple[EpochNumber, KeyId]:
     """The epoch and key id a wrapped round key names, read without decrypting."""
     blob = _check_blob(blob, WRAPPED_KEY_SIZE, WRAPPED_KEY_VERSION, "wrapped round key")
-    _parse(EpochNumber.from_bytes, blob[1:9], "wrapped round key")
-    return EpochNumber.from_bytes(blob[1:9]), KeyId(blob[9:_KEY_HEADER])
+    number = _parse(EpochNumber.from_bytes, blob[1:9], "wrapped round key")
+    return number, KeyId(blob[9:_KEY_HEADER])
 
 
 def unwrap_round_key(
@@ -143,16 +160,18 @@ def unwrap_round_key(
     epoch than ``epoch``, or one made for another round. ``entropy``: simulations only.
     """
     aead = epoch._live_aead()
-    number, key_id = read_wrapped_header(blob)
-    if number != epoch.number:
+    blob = _check_blob(blob, WRAPPED_KEY_SIZE, WRAPPED_KEY_VERSION, "wrapped round key")
+    # The epoch field must be ``epoch``'s number: comparing the 8 bytes is the whole
+    # header check (a valid number is never 0), without parsing them into a number.
+    if blob[1:9] != epoch.number.to_bytes():
         raise UnwrapFailed("wrapped round key")
-    aad = frame(_KEY_DOMAIN, blob[:_KEY_HEADER], round_id.to_bytes())
+    aad = _key_aad(blob[:_KEY_HEADER], _round_field(round_id))
     try:
         key = _open_key(aead, blob, _KEY_HEADER, aad)
     except InvalidTag:
-        _log.warning("round_key_unwrap_failed", round_id=str(round_id), epoch=number.number)
+        _log.warning("round_key_unwrap_failed", round_id=str(round_id), epoch=epoch.number.number)
         raise UnwrapFailed("wrapped round key") from None
-    return RoundCipher(round_id, key_id, key, entropy=entropy)
+    return RoundCipher(round_id, KeyId(blob[9:_KEY_HEADER]), key, entropy=entropy)
 
 
 def rewrap_round_keys(
@@ -168,38 +187,34 @@ def rewrap_round_keys(
     old_aead, new_aead = old._live_aead(), new._live_aead()
     old_prefix = bytes([WRAPPED_KEY_VERSION]) + old.number.to_bytes()
     new_prefix = bytes([WRAPPED_KEY_VERSION]) + new.number.to_bytes()
-    # frame(_KEY_DOMAIN, header, rid) with its constant part built once (the header is
-    # always _KEY_HEADER bytes): the same bytes, a fraction of the cost per key.
-    aad_head = frame(_KEY_DOMAIN) + _KEY_HEADER.to_bytes(2, "big")
     items = list(blobs)
     nonces = random_bytes(NONCE_SIZE * len(items), new._entropy) if items else b""
     out: list[tuple[RoundId, bytes | None]] = []
 
     def run(key: memoryview) -> None:
+        decrypt_into, encrypt, append = old_aead.decrypt_into, new_aead.encrypt, out.append
         for index, (round_id, blob) in enumerate(items):
             if not isinstance(blob, bytes) or len(blob) != WRAPPED_KEY_SIZE:
-                out.append((round_id, None))
+                append((round_id, None))
                 continue
             if blob[:9] != old_prefix:
-                out.append((round_id, None))
+                append((round_id, None))
                 continue
-            rid = round_id.to_bytes()
-            rid_field = len(rid).to_bytes(2, "big") + rid
+            round_field = _round_field(round_id)
             try:
-                old_aead.decrypt_into(
+                decrypt_into(
                     blob[_KEY_HEADER:_KEY_BODY],
                     blob[_KEY_BODY:],
-                    aad_head + blob[:_KEY_HEADER] + rid_field,
+                    _key_aad(blob[:_KEY_HEADER], round_field),
                     key,
                 )
             except InvalidTag:
                 key[:] = bytes(KEY_SIZE)
-                out.append((round_id, None))
+                append((round_id, None))
                 continue
             header = new_prefix + blob[9:_KEY_HEADER]
             fresh = nonces[index * NONCE_SIZE : (index + 1) * NONCE_SIZE]
-            sealed = new_aead.encrypt(fresh, key, aad_head + header + rid_field)
-            out.append((round_id, header + fresh + sealed))
+            append((round_id, header + fresh + encrypt(fresh, key, _key_aad(header, round_field))))
 
     with SecretBytes._filled_by(KEY_SIZE, run):
         pass

@@ -6,8 +6,10 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from enclave_keys.core_state import StateReader
+from enclave_keys.core_state import KnownRoundIds, RecentRounds, StateReader
 from enclave_keys.errors import CorruptRecord
 from enclave_keys.events import MAX_CIPHERTEXT_LEN, RoundStage
 from enclave_keys.ids import KeyId, RoundId
@@ -190,3 +192,61 @@ def test_reads_what_msgpack_gives_back() -> None:
     assert read.key_id(entry["key_id"]) == KeyId(b"\x01" * 16)
     assert read.finite(entry["deadline"], "deadline") == 5.0
     assert read.flag(entry["fired"], "fired") is True
+
+
+# --- one round-id table for the readers of one restore ------------------------------------
+
+
+def test_readers_sharing_a_table_hand_out_one_round_id_per_text() -> None:
+    table: KnownRoundIds = {}
+    first = StateReader("router snapshot", {"version": 1}, version=1, round_ids=table)
+    second = StateReader("reaper snapshot", {"version": 1}, version=1, round_ids=table)
+    rid = first.round_id("e3:1")
+    assert second.round_id("e3:1") is rid
+    assert table == {"e3:1": rid}
+    assert reader().round_id("e3:1") is not rid  # a reader without a table has its own
+
+
+@pytest.mark.parametrize("bad", ["not a round id!", "", "a" * 129])
+def test_a_shared_table_never_lets_a_malformed_id_through(bad: str) -> None:
+    table: KnownRoundIds = {}
+    readers = [
+        StateReader(f"{n} snapshot", {"version": 1}, version=1, round_ids=table) for n in "ab"
+    ]
+    readers[0].round_id("e3:1")
+    for read in readers:  # refused by each reader: a refused text is never remembered
+        with pytest.raises(CorruptRecord, match=r"malformed round id$"):
+            read.round_id(bad)
+    assert list(table) == ["e3:1"]
+
+
+def test_a_str_subclass_is_checked_but_never_remembered() -> None:
+    class Text(str):
+        __slots__ = ()
+
+    table: KnownRoundIds = {}
+    read = StateReader("test snapshot", {"version": 1}, version=1, round_ids=table)
+    assert read.round_id(Text("e3:1")) == RoundId("e3:1")
+    assert table == {}
+    with pytest.raises(CorruptRecord, match=r"malformed round id$"):
+        read.round_id(Text("no way"))
+
+
+# --- RecentRounds built from a list -------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    names=st.lists(st.sampled_from("abcdefg"), max_size=30),
+    horizon=st.integers(min_value=1, max_value=8),
+)
+def test_recent_rounds_from_a_list_equal_the_same_adds_one_by_one(
+    names: list[str], horizon: int
+) -> None:
+    rounds = [RoundId(n) for n in names]
+    added = RecentRounds(horizon)
+    for rid in rounds:
+        added.add(rid)
+    built = RecentRounds(horizon, rounds)
+    assert list(built) == list(added)
+    assert len(built) == len(added) <= horizon

@@ -282,6 +282,21 @@ def test_read_wrapped_header_needs_bytes(blob: bytes) -> None:
         read_wrapped_header(bytearray(blob))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [b"", bytes(84), bytes(86), b"\x01" + bytes(84), b"\x02" + bytes(84), b"\x01" + bytes(80)],
+    ids=["empty", "short", "long", "version", "epoch-0", "v1-format"],
+)
+def test_unwrap_rejects_what_read_wrapped_header_rejects(epoch: EpochKey, bad: bytes) -> None:
+    # unwrap checks the header itself (without parsing it): the same blobs fail there too
+    assert_rejected(epoch, bad)
+
+
+def test_unwrap_needs_bytes(epoch: EpochKey, blob: bytes) -> None:
+    with pytest.raises(UnwrapFailed):
+        unwrap_round_key(epoch, ROUND, bytearray(blob))  # type: ignore[arg-type]
+
+
 def test_a_wiped_epoch_key_or_cipher_refuses_to_wrap_or_unwrap(blob: bytes) -> None:
     epoch, cipher = make_epoch(), make_cipher()
     cipher.wipe()

@@ -161,7 +161,8 @@ def test_a_clean_stop_mid_round_then_reopen(nodes: NodeFactory, snapshot_every: 
     check_scene_goes_on(node, nodes, scene)
 
 
-@pytest.mark.parametrize("snapshot_every", [7, 1000])
+# 20 events: more than the scene's 12 live rounds, which would otherwise set the spacing.
+@pytest.mark.parametrize("snapshot_every", [20, 1000])
 def test_an_in_process_crash_then_reopen_replays_the_log(
     nodes: NodeFactory, snapshot_every: int
 ) -> None:
@@ -320,3 +321,25 @@ def test_event_ids_stay_unique_across_restarts(nodes: NodeFactory) -> None:
 
 # The SIGKILL crash campaign (a node in a child process, killed at random points) is in
 # tests/node/test_crash_campaign.py.
+
+
+def test_snapshots_are_spaced_by_the_live_rounds_once_they_outnumber_snapshot_every(
+    nodes: NodeFactory,
+) -> None:
+    node = nodes.open(snapshot_every=4)
+    live = [RoundId(f"e3:spaced{i}") for i in range(10)]
+    publish(node, *(request(r) for r in live))  # dozens of events: one snapshot is due
+    (first,) = node.store.snapshot_sequences()
+
+    unsnapshotted = 0  # most events seen since the snapshot without a new one
+    for _ in range(20):  # each request and its share: events, and no new live round
+        publish(node, DecryptionShareRequested(round_id=live[0], request_id=EventId.random()))
+        settle(node)
+        taken = node.store.snapshot_sequences()
+        if len(taken) == 2:
+            break
+        unsnapshotted = node.store.last_sequence() - first
+    assert unsnapshotted >= 4  # snapshot_every alone would have taken one by then
+    (_, second) = node.store.snapshot_sequences()
+    assert second - first >= len(live)
+    node.stop()
