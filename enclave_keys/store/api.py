@@ -142,7 +142,10 @@ class WriteBatch:
         Whether they continue the log is checked when the batch is applied.
         """
         self._check_open()
-        if not isinstance(events, Sequence) or isinstance(events, (str, bytes)):
+        # A tuple or list (what the bus hands over) skips the slower ABC check.
+        if type(events) not in (tuple, list) and (
+            not isinstance(events, Sequence) or isinstance(events, (str, bytes))
+        ):
             raise StoreError("events must be a sequence of StoredEvent")
         expected = self.next_sequence
         encoded: list[bytes] = []
