@@ -610,10 +610,50 @@ def _key_id_of(blob: bytes) -> KeyId | None:
 # --- the writes ---------------------------------------------------------------------------
 
 
-class _PutKey:
-    """A new round key's wrapped blob, to store; holds the epoch lease it was wrapped under."""
+class _KeyWrite:
+    """A staged write of a round's key record, holding an epoch-gate lease until settled.
 
-    __slots__ = ("_core", "_lease", "_settled", "blob", "kek_version", "leased", "round_id")
+    :meth:`settle` runs once (later calls do nothing): if the write was never committed it
+    is undone (:meth:`_not_committed`), then the lease ends, then :meth:`_settled` runs.
+    """
+
+    __slots__ = ("_core", "_lease", "_settled", "round_id")
+
+    def __init__(self, core: RoundCipherCore, round_id: RoundId, lease: ExitStack) -> None:
+        self._core = core
+        self.round_id = round_id
+        self._lease = lease
+        self._settled = False
+
+    def apply(self, batch: WriteBatch) -> None:
+        raise NotImplementedError
+
+    def settle(self, committed: bool) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            if not committed:
+                self._not_committed()
+        finally:
+            self._lease.close()
+        self._after()
+
+    def _not_committed(self) -> None:
+        raise NotImplementedError
+
+    def _after(self) -> None:
+        """What follows the lease's end, committed or not."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(round_id={self.round_id.value!r})"
+
+
+class _PutKey(_KeyWrite):
+    """A new round key's wrapped blob, to store; holds the epoch lease it was wrapped under
+    (a key never stored is taken back and wiped)."""
+
+    __slots__ = ("blob", "kek_version", "leased")
 
     def __init__(
         self,
@@ -624,57 +664,29 @@ class _PutKey:
         kek_version: KekVersion,
         lease: ExitStack,
     ) -> None:
-        self._core = core
-        self.round_id = round_id
+        super().__init__(core, round_id, lease)
         self.blob = blob
         self.leased = leased
         self.kek_version = kek_version
-        self._lease = lease
-        self._settled = False
 
     def apply(self, batch: WriteBatch) -> None:
         batch.put_key(self.round_id, self.blob)
 
-    def settle(self, committed: bool) -> None:
-        """End the epoch lease; a key never stored is taken back and wiped. Idempotent."""
-        if self._settled:
-            return
-        self._settled = True
-        try:
-            if not committed:
-                self._core._unkey(self)
-        finally:
-            self._lease.close()
-
-    def __repr__(self) -> str:
-        return f"_PutKey(round_id={self.round_id.value!r})"
+    def _not_committed(self) -> None:
+        self._core._unkey(self)
 
 
-class _DeleteKey:
-    """A round key's deletion; holds the ratchet out until it is settled."""
+class _DeleteKey(_KeyWrite):
+    """A round key's deletion; holds the ratchet out until it is settled (retried alone if
+    never committed), then reports the purge to the epoch source."""
 
-    __slots__ = ("_core", "_guard", "_settled", "round_id")
-
-    def __init__(self, core: RoundCipherCore, round_id: RoundId, guard: ExitStack) -> None:
-        self._core = core
-        self.round_id = round_id
-        self._guard = guard
-        self._settled = False
+    __slots__ = ()
 
     def apply(self, batch: WriteBatch) -> None:
         batch.delete_key(self.round_id)
 
-    def settle(self, committed: bool) -> None:
-        """Retry alone if never committed, let the ratchet in, report the purge. Idempotent."""
-        if self._settled:
-            return
-        self._settled = True
-        try:
-            if not committed:
-                self._core._retry_delete(self.round_id)
-        finally:
-            self._guard.close()
-        self._core._epochs.purged()
+    def _not_committed(self) -> None:
+        self._core._retry_delete(self.round_id)
 
-    def __repr__(self) -> str:
-        return f"_DeleteKey(round_id={self.round_id.value!r})"
+    def _after(self) -> None:
+        self._core._epochs.purged()

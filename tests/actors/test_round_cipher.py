@@ -3,7 +3,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -53,56 +52,12 @@ from tests.actors.helpers import (
     T0,
     RecordingEntropy,
     StoreOpener,
-    lmdb_opener,
-    make_keyring,
-    memory_opener,
     open_keeper,
     stored,
 )
 
 R = RoundId("e3:1")
 WAIT = 10.0  # bound on every wait for another thread
-
-
-@pytest.fixture(params=["memory", "lmdb"])
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
-    return memory_opener() if request.param == "memory" else lmdb_opener(tmp_path / "store")
-
-
-@pytest.fixture
-def store(opener: StoreOpener) -> Iterator[Store]:
-    opened = opener()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def ring() -> Iterator[Keyring]:
-    with make_keyring() as made:
-        yield made
-
-
-@pytest.fixture
-def kek(ring: Keyring) -> Kek:
-    return ring.active
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-def keeper(store: Store, ring: Keyring, clock: ManualClock) -> Iterator[EpochKeeper]:
-    """The store's epoch keeper, its epoch key wrapped under ``ring``'s KEK."""
-    made = open_keeper(store, ring, clock=clock, lease_timeout=WAIT)
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def registry() -> ContextRegistry:
-    return ContextRegistry()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,46 +26,12 @@ from enclave_keys.store import MemoryStore, Store
 from enclave_keys.store.api import PreparedBatch, PutKey
 from tests.actors.helpers import (
     T0,
-    StoreOpener,
-    lmdb_opener,
-    make_keyring,
-    memory_opener,
     open_keeper,
     stored,
 )
 
 R = RoundId("e3:staged")
 WAIT = 10.0  # bound on every wait for another thread
-
-
-@pytest.fixture(params=["memory", "lmdb"])
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
-    return memory_opener() if request.param == "memory" else lmdb_opener(tmp_path / "store")
-
-
-@pytest.fixture
-def store(opener: StoreOpener) -> Iterator[Store]:
-    opened = opener()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def ring() -> Iterator[Keyring]:
-    with make_keyring() as made:
-        yield made
-
-
-@pytest.fixture
-def keeper(store: Store, ring: Keyring) -> Iterator[EpochKeeper]:
-    made = open_keeper(store, ring, clock=ManualClock(T0), lease_timeout=WAIT)
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def registry() -> ContextRegistry:
-    return ContextRegistry()
 
 
 @pytest.fixture
