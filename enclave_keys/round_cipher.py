@@ -22,6 +22,7 @@ the store with :meth:`RoundCipherCore.hydrate`, not from the log.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -610,7 +611,7 @@ def _key_id_of(blob: bytes) -> KeyId | None:
 # --- the writes ---------------------------------------------------------------------------
 
 
-class _KeyWrite:
+class _KeyWrite(ABC):
     """A staged write of a round's key record, holding an epoch-gate lease until settled.
 
     :meth:`settle` runs once (later calls do nothing): if the write was never committed it
@@ -625,8 +626,8 @@ class _KeyWrite:
         self._lease = lease
         self._settled = False
 
-    def apply(self, batch: WriteBatch) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, batch: WriteBatch) -> None: ...
 
     def settle(self, committed: bool) -> None:
         if self._settled:
@@ -639,9 +640,10 @@ class _KeyWrite:
             self._lease.close()
         self._after()
 
-    def _not_committed(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _not_committed(self) -> None: ...
 
+    @abstractmethod
     def _after(self) -> None:
         """What follows the lease's end, committed or not."""
 
@@ -674,6 +676,9 @@ class _PutKey(_KeyWrite):
 
     def _not_committed(self) -> None:
         self._core._unkey(self)
+
+    def _after(self) -> None:
+        """Nothing: a stored key needs no more, an unstored one was taken back."""
 
 
 class _DeleteKey(_KeyWrite):
