@@ -256,8 +256,10 @@ class EventBus:
         Never raises for a request or store problem: rejections and write failures come
         back as outcomes (and are logged, by error type only). On success the events of
         the group are consecutive, in request order. Each request's staged writes go into
-        the same batch and are settled before this returns: committed with the group, or
-        not (a rejected request, a failed group).
+        the same batch and are settled before this returns, *after* the batch has
+        committed or failed: committed with the group, or not (a rejected request, a failed
+        group). Never inside the batch: a write settled as not committed may retry on its
+        own (a key deletion does), and that must not land before the group's own writes.
         """
         first = self.next_sequence
         rejected: dict[int, Outcome] = {}
@@ -276,7 +278,6 @@ class EventBus:
                     except Exception as exc:
                         batch.rewind(mark)
                         rejected[index] = Outcome(request, error=exc)
-                        settle_writes(request.writes, committed=False)
                         _log.warning(
                             "publish_rejected",
                             source=_printable(request.source),
@@ -293,15 +294,15 @@ class EventBus:
                 events=sequence - first,
             )
             self._resynchronise()
-            for index in staged:
-                settle_writes(requests[index].writes, committed=False)
+            for request in requests:  # failed before or while reaching any of them
+                settle_writes(request.writes, committed=False)
             return [
                 rejected[i] if i in rejected else Outcome(request, error=exc)
                 for i, request in enumerate(requests)
             ]
         self._next_sequence = sequence
-        for index in staged:
-            settle_writes(requests[index].writes, committed=True)
+        for index, request in enumerate(requests):
+            settle_writes(request.writes, committed=index in staged)
         if sequence > first:
             _log.debug("events_committed", first_sequence=first, events=sequence - first)
         return [

@@ -169,6 +169,10 @@ class DeterministicRuntime:
                 self._commit_queue(external=None)
                 continue
             if steps >= limit:
+                # What the handlers returned so far is committed (and stays undelivered):
+                # no staged write waits in the queue, holding its lease, between runs.
+                if self._queue:
+                    self._commit_queue(external=None)
                 raise LifecycleError(self._runaway_message(limit))
             self._deliver(self._undelivered.popleft())
             steps += 1

@@ -294,7 +294,14 @@ class _HandlerActor(_RuntimeActor):
     def _publish(self, request: PublishRequest | None) -> None:
         """Send what the core returned to the bus at once (a core blocked on a later event
         must not hold back what it made of an earlier one)."""
-        if request is not None and not self._forward(request):
+        if request is None:
+            return
+        try:
+            sent = self._forward(request)
+        except BaseException:
+            shell.abandon(request)  # not sent: its writes must not wait forever
+            raise
+        if not sent:
             shell.abandon(request)
             _log.warning("publish_abandoned", source=request.source, events=len(request.events))
 

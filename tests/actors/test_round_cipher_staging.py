@@ -170,22 +170,28 @@ def test_a_failed_group_commit_leaves_neither_key_nor_announcement(ring: Keyring
     keeper.close()
 
 
-def test_a_stopped_runtime_settles_the_writes_it_never_committed(
+def test_a_runaway_run_leaves_no_staged_write_holding_its_lease(
     store: Store, keeper: EpochKeeper, registry: ContextRegistry
 ) -> None:
+    # One delivery allowed: the run stops with the first round keyed and the second
+    # undelivered. The key's write must not wait for the next run, holding an epoch lease
+    # that a ratchet on this very thread would wait for until its timeout.
     core = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
     runtime = DeterministicRuntime(store, ManualClock(T0), seed=1, max_steps=1)
     runtime.subscribe(core)
     runtime.start()
-    others = [RoundId(f"e3:stopped{i}") for i in range(2)]
-    for rid in others:
+    rounds = [RoundId(f"e3:runaway{i}") for i in range(2)]
+    for rid in rounds:
         registry.open(rid)
-    with pytest.raises(LifecycleError):  # one delivery allowed: the other stays queued
+    with pytest.raises(LifecycleError):
         runtime.publish(
-            [RoundOpened(round_id=rid, deadline=T0 + 600) for rid in others], source="test"
+            [RoundOpened(round_id=rid, deadline=T0 + 600) for rid in rounds], source="test"
         )
-    assert core.held_rounds() == [others[0]]  # its key is staged, holding an epoch lease
+    assert core.held_rounds() == [rounds[0]]
+    assert store.get_key(rounds[0]) is not None  # committed with its RoundKeyReady
+    keeper.ratchet(timeout=0.5)  # no lease left behind: no wait
+    blob = store.get_key(rounds[0])
+    assert blob is not None
+    assert read_wrapped_header(blob)[0] == keeper.epoch  # rewrapped by that ratchet
     runtime.stop()
-    assert core.held_rounds() == []
-    assert store.key_count() == 0
-    keeper.ratchet(timeout=0.5)  # no lease left behind
+    core.wipe_all()

@@ -322,3 +322,44 @@ def test_a_failed_group_settles_every_write_as_not_committed() -> None:
     assert not any(o.ok for o in outcomes)
     assert [w.settled for w in writes] == [[False], [False]]
     assert store.key_count() == 0
+
+
+class NanClock(ManualClock):
+    """A broken clock: the group fails before any request is reached."""
+
+    def now(self) -> float:
+        return float("nan")
+
+
+def test_a_group_that_fails_before_reaching_its_requests_settles_them_all() -> None:
+    bus = EventBus(MemoryStore(), NanClock(START))
+    bus.start()
+    writes = [KeyWrite("e3:1"), KeyWrite("e3:2")]
+    outcomes = bus.commit([with_writes(requested(w.round_id.value), w) for w in writes])
+    assert not any(o.ok for o in outcomes)
+    assert [w.settled for w in writes] == [[False], [False]]  # none left holding a lease
+
+
+class WatchingWrite(KeyWrite):
+    """Records how many events the log held when it was settled."""
+
+    def __init__(self, round_id: str, store: MemoryStore, *, broken: bool = False) -> None:
+        super().__init__(round_id, broken=broken)
+        self.store = store
+        self.log_at_settle: list[int] = []
+
+    def settle(self, committed: bool) -> None:
+        super().settle(committed)
+        self.log_at_settle.append(self.store.last_sequence())
+
+
+def test_a_rejected_requests_writes_are_settled_after_the_group_commits() -> None:
+    # A rejected delete retries on its own when settled: inside the batch, that retry
+    # would commit before the group and the group's put of the same key would win.
+    store = MemoryStore()
+    bus = started_bus(store)
+    good = WatchingWrite("e3:1", store)
+    broken = WatchingWrite("e3:2", store, broken=True)
+    bus.commit([with_writes(requested("e3:1"), good), with_writes(requested("e3:2"), broken)])
+    assert broken.settled == [False]
+    assert broken.log_at_settle == [1]  # the group's event was already committed
