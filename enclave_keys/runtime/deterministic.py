@@ -12,13 +12,15 @@ So every subscriber sees events in log order, and the same seed with the same in
 the same log byte for byte (event ids come from ``random.Random(seed)``, timestamps from
 the clock you pass). Dispatching is bounded: more than ``max_steps`` deliveries in one
 run raise :class:`~enclave_keys.errors.LifecycleError` (a handler answering its own events
-forever); the work left over stays queued for a later run.
+forever); what the handlers returned so far is committed first (so no staged store write
+waits between runs), and the events not yet delivered stay for a later run.
 
 Handlers must not call ``publish`` themselves (they return events): a re-entrant call
 raises ``LifecycleError``, which the runtime isolates like any handler failure.
 
-``stop()`` abandons what is still queued or undelivered (only possible after a run that
-hit ``max_steps``); the log keeps every committed event.
+``stop()`` abandons what is still undelivered (only possible after a run that hit
+``max_steps``), settling any staged write still queued as not committed; the log keeps
+every committed event.
 """
 
 from __future__ import annotations
