@@ -1,4 +1,5 @@
-"""Pausing CPython's cyclic garbage collector while a node builds its live state.
+"""Pausing CPython's cyclic garbage collector while a node builds its live state (or an
+epoch ratchet rewraps every live key).
 
 A start makes a dozen or more container objects per live round — round ids, contexts,
 ciphers, each core's entries — and keeps nearly all of them. The collector would trace
@@ -36,21 +37,24 @@ class _CollectorPause:
         self._lock = threading.Lock()
         self._holders = 0
         self._resume = False
+        self._promote = False  # some holder built state to keep: promote it at the end
 
     @contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self, *, promote: bool = True) -> Iterator[None]:
         with self._lock:
             if self._holders == 0:
                 self._resume = gc.isenabled()
+                self._promote = False
                 gc.disable()
             self._holders += 1
+            self._promote = self._promote or promote
         try:
             yield
         finally:
             with self._lock:
                 self._holders -= 1
                 if self._holders == 0 and self._resume:
-                    if gc.get_freeze_count() == 0:
+                    if self._promote and gc.get_freeze_count() == 0:
                         gc.freeze()
                         gc.unfreeze()
                     gc.enable()
@@ -59,6 +63,12 @@ class _CollectorPause:
 _COLLECTOR = _CollectorPause()
 
 
-def collector_paused() -> AbstractContextManager[None]:
-    """The collector off for the block (process-wide; overlapping blocks share a pause)."""
-    return _COLLECTOR.paused()
+def collector_paused(*, promote: bool = True) -> AbstractContextManager[None]:
+    """The collector off for the block (process-wide; overlapping blocks share a pause).
+
+    ``promote``: the block builds state that is kept (a node start), so what it made goes
+    straight to the oldest generation at the end. Pass ``False`` for a block whose
+    objects are mostly transient (an epoch ratchet's rewrapped blobs): they are freed by
+    reference counting, and anything left is collected as usual afterwards.
+    """
+    return _COLLECTOR.paused(promote=promote)

@@ -38,6 +38,7 @@ from typing import Final
 import structlog
 
 from enclave_keys.clock import Clock
+from enclave_keys.collector import collector_paused
 from enclave_keys.crypto import (
     DEFAULT_LEASE_WAIT,
     Entropy,
@@ -442,10 +443,13 @@ class EpochKeeper:
         with self._gate.exclusive(wait), self._keks.active_kek() as kek:
             new = self._stage(kek)
             try:
-                blobs, skipped = self._rewrapped(new)
-                with self._store.write() as batch:
-                    for round_id, blob in blobs:
-                        batch.put_key(round_id, blob)
+                # Tens of thousands of short-lived objects alive at once would trigger a
+                # full collection of the whole heap: ~40% of a ratchet at 30k live keys.
+                with collector_paused(promote=False):
+                    blobs, skipped = self._rewrapped(new)
+                    with self._store.write() as batch:
+                        for round_id, blob in blobs:
+                            batch.put_key(round_id, blob)
                 self._phase("keys_rewrapped")
             except BaseException as exc:
                 self._roll_back(new)

@@ -8,6 +8,7 @@ version of this runs in tests/forensics.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -253,6 +254,40 @@ def test_a_failed_ratchet_keeps_the_old_epoch_in_memory_and_on_disk() -> None:
         assert readable(keeper, store) == before
         store.fail = False
         assert keeper.ratchet().new_epoch == EpochNumber(3), "epoch numbers are never reused"
+    finally:
+        keeper.close()
+        ring.seal(0.0, force=True)
+
+
+class CollectorWatchingStore(MemoryStore):
+    """Records whether the cyclic collector was on when the keys were listed and written."""
+
+    def __init__(self, backing: MemoryBacking) -> None:
+        super().__init__(backing)
+        self.collector_on: list[bool] = []
+
+    def list_keys(self) -> list[tuple[RoundId, bytes]]:
+        self.collector_on.append(gc.isenabled())
+        return super().list_keys()
+
+    def _commit(self, batch: PreparedBatch) -> None:
+        self.collector_on.append(gc.isenabled())
+        super()._commit(batch)
+
+
+def test_a_ratchet_rewraps_with_the_collector_paused_and_turns_it_back_on() -> None:
+    store = CollectorWatchingStore(MemoryBacking())
+    ring = Keyring.create()
+    keeper, _ = EpochKeeper.open(store, ring, clock=ManualClock())
+    try:
+        store_key(keeper, store, "a").wipe()
+        store.collector_on.clear()
+        assert gc.isenabled()
+        keeper.ratchet()
+        # The rewrap's listing and its commit ran with it off (the slot writes need not).
+        assert store.collector_on == [False, False]
+        assert gc.isenabled()
+        assert readable(keeper, store).keys() == {RoundId("a")}
     finally:
         keeper.close()
         ring.seal(0.0, force=True)
