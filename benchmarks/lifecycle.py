@@ -124,28 +124,22 @@ def run_lifecycle(sizes: Sizes, work: Workdir) -> list[Row]:
                 "keyed_rounds_per_s": count / statistics.median(k for k, _ in runs),
                 "purged_rounds_per_s": count / statistics.median(p for _, p in runs),
             }
-            name = "rounds requested -> keyed -> purged (Pykka)"
             rows += [
                 Row(
                     "lifecycle",
-                    name,
+                    "rounds requested -> keyed -> purged (Pykka)",
                     count,
                     "rounds/s",
                     count / total,
-                    f"keygen+wrap, put+delete in groups of {GROUP}",
-                    grouped,
-                    LIFECYCLE_TARGET,
+                    baseline_name,
+                    baseline,
+                    target,
                     notes=notes,
-                ),
-                Row(
-                    "lifecycle",
-                    name,
-                    count,
-                    "rounds/s",
-                    count / total,
-                    "keygen+wrap+put+delete, a commit each",
-                    one_by_one,
-                ),
+                )
+                for baseline_name, baseline, target in (
+                    (f"keygen+wrap, put+delete in groups of {GROUP}", grouped, LIFECYCLE_TARGET),
+                    ("keygen+wrap+put+delete, a commit each", one_by_one, None),
+                )
             ]
     finally:
         opener.close()

@@ -348,6 +348,8 @@ class EventBus:
 
 
 def _printable(source: object) -> str:
-    """A source as a log field: only a well-formed one is echoed."""
-    ok = isinstance(source, str) and len(source) <= MAX_SOURCE_LEN and source.isprintable()
-    return source if ok and isinstance(source, str) else "<malformed>"
+    """A source as a log field: only a well-formed one (:func:`check_source`) is echoed."""
+    try:
+        return check_source(source)
+    except MalformedEvent:
+        return "<malformed>"

@@ -122,12 +122,8 @@ MSGPACK_VALUES = st.recursive(
 )
 
 
-@FAST
-@given(stored_events(), st.data())
-def test_structured_mutations_decode_or_raise_codec_errors(
-    stored: StoredEvent, data: st.DataObject
-) -> None:
-    """Replace one envelope element or field with any msgpack value."""
+def mutated(stored: StoredEvent, data: st.DataObject) -> bytes:
+    """``stored`` encoded with one envelope element or field replaced by any msgpack value."""
     message = msgpack.unpackb(encode_event(stored), raw=False)
     fields = message[10]
     target = data.draw(st.sampled_from([*range(11), *(f"field:{name}" for name in fields)]))
@@ -136,7 +132,17 @@ def test_structured_mutations_decode_or_raise_codec_errors(
         message[target] = value
     else:
         fields[target.removeprefix("field:")] = value
-    decoded = decode_or_codec_error(msgpack.packb(message, use_bin_type=True))
+    packed: bytes = msgpack.packb(message, use_bin_type=True)
+    return packed
+
+
+@FAST
+@given(stored_events(), st.data())
+def test_structured_mutations_decode_or_raise_codec_errors(
+    stored: StoredEvent, data: st.DataObject
+) -> None:
+    """Replace one envelope element or field with any msgpack value."""
+    decoded = decode_or_codec_error(mutated(stored, data))
     if decoded is not None:
         assert decode_event(encode_event(decoded)) == decoded
 
@@ -182,15 +188,7 @@ def test_the_paths_agree_on_bit_flipped_input(stored: StoredEvent, positions: li
 @FAST
 @given(stored_events(), st.data())
 def test_the_paths_agree_on_structured_mutations(stored: StoredEvent, data: st.DataObject) -> None:
-    message = msgpack.unpackb(encode_event(stored), raw=False)
-    fields = message[10]
-    target = data.draw(st.sampled_from([*range(11), *(f"field:{name}" for name in fields)]))
-    value = data.draw(MSGPACK_VALUES)
-    if isinstance(target, int):
-        message[target] = value
-    else:
-        fields[target.removeprefix("field:")] = value
-    assert_paths_agree(msgpack.packb(message, use_bin_type=True))
+    assert_paths_agree(mutated(stored, data))
 
 
 @FAST
