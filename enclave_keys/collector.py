@@ -1,5 +1,5 @@
 """Pausing CPython's cyclic garbage collector while a node builds its live state (or an
-epoch ratchet rewraps every live key).
+epoch ratchet rewraps every live key, or a snapshot is written).
 
 A start makes a dozen or more container objects per live round — round ids, contexts,
 ciphers, each core's entries — and keeps nearly all of them. The collector would trace

@@ -19,7 +19,7 @@ from enclave_keys.errors import InvalidIdentifier
 _ROUND_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class RoundId:
     """Names one protocol round (an E3, a signing session, ...).
 
@@ -47,6 +47,28 @@ class RoundId:
     def __hash__(self) -> int:
         return hash(self.value)
 
+    # Ordered by value. Snapshots sort every live round id; the generated comparisons
+    # built two 1-tuples per comparison, which made that sort ~10x slower.
+    def __lt__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self.value < other.value
+        return NotImplemented
+
+    def __le__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self.value <= other.value
+        return NotImplemented
+
+    def __gt__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self.value > other.value
+        return NotImplemented
+
+    def __ge__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self.value >= other.value
+        return NotImplemented
+
     def to_bytes(self) -> bytes:
         """The canonical encoding (ASCII), used in storage keys and associated data."""
         return self.value.encode("ascii")
@@ -61,6 +83,12 @@ class RoundId:
 
     def __str__(self) -> str:
         return self.value
+
+
+def by_round_id(item: tuple[RoundId, object]) -> str:
+    """Sort key of a ``(round id, value)`` pair: the id's text, so that sorting a map's
+    items is a plain string sort (what snapshots of many live rounds do)."""
+    return item[0].value
 
 
 @dataclass(frozen=True, slots=True, order=True)

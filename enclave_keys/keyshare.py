@@ -52,7 +52,7 @@ from enclave_keys.events import (
     RoundStage,
     StoredEvent,
 )
-from enclave_keys.ids import EventId, KeyId, RoundId
+from enclave_keys.ids import EventId, KeyId, RoundId, by_round_id
 from enclave_keys.round_cipher import ROUND_CIPHER, LeasedRoundCipher
 
 __all__ = [
@@ -269,7 +269,7 @@ class KeyshareCore:
             "version": _SNAPSHOT_VERSION,
             "shares": [
                 {"round_id": rid.value, "key_id": key_id.hex(), "ciphertext": ciphertext}
-                for rid, (key_id, ciphertext) in sorted(self._shares.items())
+                for rid, (key_id, ciphertext) in sorted(self._shares.items(), key=by_round_id)
             ],
             "ended": [rid.value for rid in self._ended],
         }

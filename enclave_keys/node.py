@@ -259,12 +259,16 @@ class Node:
             runtime.wait_idle(self._config.idle_timeout)
             cores = self._started()
             sequence = self._store.last_sequence()
-            record = NodeSnapshot(
-                sequence=sequence,
-                cores={core.name: core.snapshot_state() for core in cores.all()},
-                contexts={rid: list(deps) for rid, deps in self._registry.snapshot().items()},
-            )
-            self._store.put_snapshot(sequence, record.to_bytes())
+            # A snapshot's plain values are transient, several per live round: with the
+            # collector on, building them set off a full collection of the whole heap.
+            with collector_paused(promote=False):
+                record = NodeSnapshot(
+                    sequence=sequence,
+                    cores={core.name: core.snapshot_state() for core in cores.all()},
+                    contexts={rid: list(deps) for rid, deps in self._registry.snapshot().items()},
+                )
+                self._store.put_snapshot(sequence, record.to_bytes())
+                del record
             self._last_snapshot = sequence
             _log.info("snapshot_written", sequence=sequence)
             return sequence

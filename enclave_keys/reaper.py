@@ -29,7 +29,7 @@ from enclave_keys.events import (
     RoundStageChanged,
     StoredEvent,
 )
-from enclave_keys.ids import RoundId
+from enclave_keys.ids import RoundId, by_round_id
 
 __all__ = ["DEFAULT_GRACE", "ReaperCore", "TrackedRound"]
 
@@ -163,7 +163,7 @@ class ReaperCore:
                     "stage": t.stage.value,
                     "fired": t.fired,
                 }
-                for rid, t in sorted(self._rounds.items())
+                for rid, t in sorted(self._rounds.items(), key=by_round_id)
             ],
             "completed": [rid.value for rid in self._completed],
             "requested": [rid.value for rid in self._requested],

@@ -55,7 +55,7 @@ from enclave_keys.events import (
     RoundStage,
     StoredEvent,
 )
-from enclave_keys.ids import EpochNumber, KekVersion, KeyId, RoundId
+from enclave_keys.ids import EpochNumber, KekVersion, KeyId, RoundId, by_round_id
 from enclave_keys.store import Store, WriteBatch
 
 __all__ = [
@@ -574,7 +574,7 @@ class RoundCipherCore:
         """Retire and wipe every held cipher (node stop). The store is not touched."""
         with self._lock:
             held, self._held = self._held, {}
-        for rid, leased in sorted(held.items()):
+        for rid, leased in sorted(held.items(), key=by_round_id):
             leased.retire(self._lease_timeout)
             context = self._registry.get(rid)
             if context is not None:

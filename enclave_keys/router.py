@@ -54,7 +54,7 @@ from enclave_keys.events import (
     RoundStageChanged,
     StoredEvent,
 )
-from enclave_keys.ids import RoundId
+from enclave_keys.ids import RoundId, by_round_id
 
 __all__ = [
     "DEFAULT_HORIZON",
@@ -322,7 +322,7 @@ class RouterState:
                     "accusation": state.accusation,
                     "ending": state.ending,
                 }
-                for rid, state in sorted(self._open.items())
+                for rid, state in sorted(self._open.items(), key=by_round_id)
             ],
             "completed": [rid.value for rid in self._completed],
         }

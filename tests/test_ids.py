@@ -4,9 +4,11 @@ import pickle
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from enclave_keys.errors import EnclaveKeysError, InvalidIdentifier
-from enclave_keys.ids import EventId, KekVersion, KeyId, RoundId
+from enclave_keys.ids import EventId, KekVersion, KeyId, RoundId, by_round_id
 
 
 @pytest.mark.parametrize("text", ["e3:1", "round-42", "A", "a" * 128, "chain.1:e3.9_x"])
@@ -44,6 +46,29 @@ def test_round_id_equality_and_hash_go_by_the_text() -> None:
     assert a.__eq__("e3:1") is NotImplemented
     assert a != KeyId(b"e3:1".ljust(16, b"\x00"))
     assert sorted([other, a]) == [a, other]
+
+
+_ROUND_TEXT = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,20}", fullmatch=True)
+
+
+@given(st.lists(_ROUND_TEXT, max_size=30), _ROUND_TEXT, _ROUND_TEXT)
+def test_round_ids_order_as_their_text(texts: list[str], x: str, y: str) -> None:
+    ids = [RoundId(t) for t in texts]
+    assert [r.value for r in sorted(ids)] == sorted(texts)
+    a, b = RoundId(x), RoundId(y)
+    assert (a < b, a <= b, a > b, a >= b) == (x < y, x <= y, x > y, x >= y)
+    pairs = {r: n for n, r in enumerate(ids)}
+    assert sorted(pairs.items(), key=by_round_id) == sorted(pairs.items())
+
+
+def test_round_ids_do_not_order_against_other_types() -> None:
+    rid = RoundId("e3:1")
+    for other in ("e3:1", KeyId(bytes(16)), 1):
+        assert rid.__lt__(other) is NotImplemented
+        with pytest.raises(TypeError):
+            _ = rid < other
+        with pytest.raises(TypeError):
+            _ = rid >= other
 
 
 def test_invalid_identifier_is_catchable_as_root_and_value_error() -> None:
