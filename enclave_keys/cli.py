@@ -26,6 +26,7 @@ descriptor (``--secret-fd N``, one per line), never from the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
@@ -41,12 +42,14 @@ from enclave_keys import __version__
 from enclave_keys.cli_logs import add_commands as add_log_commands
 from enclave_keys.crypto import read_wrapped_header
 from enclave_keys.epochs import slot_status
-from enclave_keys.errors import EnclaveKeysError, UnsealMismatch, UnwrapFailed
+from enclave_keys.errors import AlreadyInitialised, EnclaveKeysError, UnsealMismatch, UnwrapFailed
 from enclave_keys.log import configure_logging
 from enclave_keys.master import MasterKeys
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore, Store
+from enclave_keys.store.lmdb_store import DATA_FILE
 from enclave_keys.store.scrub import scrub
+from enclave_keys.store.slots import SLOT_FILE_NAME
 from enclave_keys.unseal import (
     Enrolment,
     EnvKeyUnseal,
@@ -58,6 +61,8 @@ from enclave_keys.unseal import (
 )
 
 PID_FILE = "node.pid"
+_STORE_FILES = (DATA_FILE, "lock.mdb", SLOT_FILE_NAME)
+"""The files a new store may have in its directory: LMDB's two and the epoch slot file."""
 PKCS11_MODULE_ENV = "ENCLAVE_KEYS_PKCS11_MODULE"
 
 Printer = Callable[[str], None]
@@ -143,30 +148,78 @@ def _open_node(args: argparse.Namespace, out: Printer) -> Node:
 
 
 def cmd_init(args: argparse.Namespace, out: Printer) -> int:
-    store = LmdbStore.open(args.data_dir)
-    try:
-        if MasterKeys.is_initialised(store):
-            raise CliError(f"{args.data_dir} is already initialised")
-        shares: list[str] = []
-        enrolment: Enrolment
-        if args.method == "passphrase":
-            enrolment = PassphraseUnseal(_new_passphrase(args)).enrol()
-        elif args.method == "shares":
-            threshold, count = _scheme(args.shares)
-            enrolment, shares = ShamirUnseal.enrol_shares(threshold, count)
-        elif args.method == "pkcs11":
-            enrolment = _pkcs11(args).enrol()
-        else:
-            enrolment = EnvKeyUnseal().enrol()
-        method = {"shares": "shamir"}.get(args.method, args.method)
-        master = MasterKeys.initialise(store, enrolment.root, method, enrolment.records)
-        version = master.active_version
-        master.seal(force=True)
-    finally:
-        store.close()
+    """Initialise ``args.data_dir``: nothing is written until the secrets are in and valid.
+
+    An initialised directory is refused first; then the enrolment (passphrase twice,
+    share scheme, PKCS#11 token, environment key) is taken and checked; only then is the
+    store created. If that fails, the store files and directories this command created
+    are removed again; the root key is wiped on every path.
+    """
+    if _is_initialised(args.data_dir):
+        raise CliError(f"{args.data_dir} is already initialised")
+    method = {"shares": "shamir"}.get(args.method, args.method)
+    enrolment, shares = _enrol(args)
+    with enrolment:  # wipes the root key on every path (MasterKeys also wipes its copy)
+        created = _NewStoreFiles(args.data_dir)
+        try:
+            with LmdbStore.open(args.data_dir) as store:
+                master = MasterKeys.initialise(store, enrolment.root, method, enrolment.records)
+                try:
+                    version = master.active_version
+                finally:
+                    master.seal(force=True)
+        except AlreadyInitialised:
+            raise  # initialised meanwhile by another process: its files, not ours
+        except BaseException:
+            created.remove()
+            raise
     out(f"initialised {args.data_dir}: method {method}, KEK v{version.number} active")
     _print_shares(shares, out)
     return 0
+
+
+def _is_initialised(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds an initialised store; creates nothing where none is."""
+    if not (data_dir / DATA_FILE).exists():
+        return False
+    with LmdbStore.open(data_dir) as store:
+        return MasterKeys.is_initialised(store)
+
+
+def _enrol(args: argparse.Namespace) -> tuple[Enrolment, list[str]]:
+    """The new root key (and shares, for ``shares``) from the operator's input."""
+    if args.method == "passphrase":
+        return PassphraseUnseal(_new_passphrase(args)).enrol(), []
+    if args.method == "shares":
+        return ShamirUnseal.enrol_shares(*_scheme(args.shares))
+    if args.method == "pkcs11":
+        return _pkcs11(args).enrol(), []
+    return EnvKeyUnseal().enrol(), []
+
+
+class _NewStoreFiles:
+    """The store files and directories missing from ``data_dir`` when it is made: what a
+    failed ``init`` removes again (never a file or directory that was already there)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._files = [data_dir / name for name in _STORE_FILES if not (data_dir / name).exists()]
+        self._dirs: list[Path] = []  # the deepest first
+        for path in (data_dir, *data_dir.parents):
+            if path.exists():
+                break
+            self._dirs.append(path)
+
+    def remove(self) -> None:
+        """Best effort, never raising (the caller re-raises the error that made it clean
+        up): a directory that is not empty (someone else's files) stays."""
+        for path in self._files:
+            with contextlib.suppress(OSError):  # ``data_dir`` is a file, say
+                path.unlink(missing_ok=True)
+        for path in self._dirs:
+            try:
+                path.rmdir()
+            except OSError:
+                return
 
 
 def _scheme(text: str) -> tuple[int, int]:

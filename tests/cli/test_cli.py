@@ -198,7 +198,7 @@ def test_a_bad_share_scheme_initialises_nothing(
     assert result.code == 2
     assert error_class(result, "init") == error
     assert result.out == ""
-    assert cli.status(data_dir)["initialised"] is False
+    assert not data_dir.exists(), "a refused init creates nothing"
 
 
 def test_init_passphrase_from_the_prompt_asks_twice(
@@ -215,7 +215,7 @@ def test_init_passphrase_from_the_prompt_asks_twice(
     differ = cli("init", "passphrase", "--data-dir", tmp_path / "a")
     assert differ.code == 2
     assert "the passphrases differ" in differ.err
-    assert cli.status(tmp_path / "a")["initialised"] is False
+    assert not (tmp_path / "a").exists(), "a refused init creates nothing"
     same = cli("init", "passphrase", "--data-dir", tmp_path / "b")
     assert same.code == 0, same.err
     assert prompts == ["new passphrase: ", "repeat the passphrase: "] * 2
@@ -475,7 +475,7 @@ def test_pkcs11_needs_a_module_and_a_token_label(
     assert result.code == 2
     assert error_class(result, "init") == "CliError"
     assert missing in result.err
-    assert cli.status(data_dir)["initialised"] is False
+    assert not data_dir.exists(), "a refused init creates nothing"
 
 
 # --- rotate-kek ---------------------------------------------------------------------------
@@ -640,7 +640,7 @@ def test_init_env_with_a_malformed_key_is_refused_without_echoing_it(
     assert result.code == 2
     assert error_class(result, "init") == "InvalidKeyMaterial"
     assert bad not in result.everything()
-    assert cli.status(data_dir)["initialised"] is False
+    assert not data_dir.exists(), "a refused init creates nothing"
 
 
 # --- seal ---------------------------------------------------------------------------------
