@@ -30,8 +30,8 @@ rewrapped round keys.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Final
 
@@ -390,23 +390,20 @@ class EpochKeeper:
             raise UnknownEpoch("the epoch keeper is closed")
         return self._current
 
-    @contextmanager
-    def active_epoch(self) -> Iterator[EpochKey]:
-        with self._gate.shared(self._lease_timeout):
-            yield self._live()
+    def active_epoch(self) -> AbstractContextManager[EpochKey]:
+        return self._gate.leased(self._lease_timeout, self._live)
 
-    @contextmanager
-    def epoch_for(self, number: EpochNumber) -> Iterator[EpochKey]:
-        with self._gate.shared(self._lease_timeout):
+    def epoch_for(self, number: EpochNumber) -> AbstractContextManager[EpochKey]:
+        def live_as_numbered() -> EpochKey:
             current = self._live()
             if number != current.number:
                 raise UnknownEpoch(f"storage epoch {number} is destroyed or unknown")
-            yield current
+            return current
 
-    @contextmanager
-    def hold_ratchet(self) -> Iterator[None]:
-        with self._gate.shared(self._lease_timeout, allow_closed=True):
-            yield
+        return self._gate.leased(self._lease_timeout, live_as_numbered)
+
+    def hold_ratchet(self) -> AbstractContextManager[None]:
+        return self._gate.shared(self._lease_timeout, allow_closed=True)
 
     def purged(self) -> None:
         with self._lock:

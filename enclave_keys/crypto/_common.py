@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import ClassVar, Self
 
@@ -88,13 +87,11 @@ class AeadKeyHolder(NoCopy):
     def _nonce(self) -> bytes:
         return random_bytes(NONCE_SIZE, self._entropy)
 
-    @contextmanager
-    def _borrow_key(self) -> Iterator[memoryview]:
+    def _borrow_key(self) -> AbstractContextManager[memoryview]:
         """The raw key, for the key wrap in this package only."""
         if self._wiped:
             raise SecretWiped(f"{self!r} was used after it was wiped")
-        with self._key.borrow() as view:
-            yield view
+        return self._key.borrow()
 
     @property
     def is_wiped(self) -> bool:

@@ -22,10 +22,14 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import TracebackType
+from typing import Generic, TypeVar
 
 from enclave_keys.errors import LeaseTimeout, Sealed
 
-__all__ = ["DEFAULT_LEASE_WAIT", "LeaseGate", "check_timeout"]
+__all__ = ["DEFAULT_LEASE_WAIT", "LeaseGate", "SharedLease", "check_timeout"]
+
+T = TypeVar("T")
 
 DEFAULT_LEASE_WAIT = 10.0
 """Seconds a lease, an exclusive section or a seal waits by default."""
@@ -113,44 +117,54 @@ class LeaseGate:
 
     # --- shared leases -------------------------------------------------------------------
 
-    @contextmanager
-    def shared(self, timeout: float, *, allow_closed: bool = False) -> Iterator[None]:
+    def shared(self, timeout: float, *, allow_closed: bool = False) -> SharedLease[None]:
         """A shared lease for the block; waits (bounded) while an exclusive section runs
         or waits.
 
         Raises :class:`Sealed` when the gate is (or becomes) closed, unless
         ``allow_closed``; :class:`LeaseTimeout` when the wait ends first.
         """
-        wait = check_timeout(timeout)
+        return SharedLease(self, check_timeout(timeout), allow_closed, _nothing)
+
+    def leased(self, timeout: float, value: Callable[[], T]) -> SharedLease[T]:
+        """Like :meth:`shared`, binding ``value()`` — called once the lease is held —
+        to the ``with`` target. If ``value`` raises, the lease ends at once."""
+        return SharedLease(self, check_timeout(timeout), False, value)
+
+    def _enter_shared(self, wait: float, allow_closed: bool) -> None:
         with self._cond:
             if not allow_closed:
                 self._check_open()
-
-            def may_enter() -> bool:
-                free = not self._exclusive and self._waiting == 0
-                return free or (self._closed and not allow_closed)
-
-            self._shared_waiting += 1
-            self._cond.notify_all()
-            try:
-                entered = self._cond.wait_for(may_enter, wait)
-            finally:
-                self._shared_waiting -= 1
-            if not entered:
-                raise LeaseTimeout(
-                    f"no lease on the {self._what} within {wait:g} s: an exclusive section"
-                    " (rotation, rekey or seal) is running"
-                )
-            if not allow_closed:
-                self._check_open()
+            if self._exclusive or self._waiting:
+                self._wait_for_shared(wait, allow_closed)
             self._shared += 1
             self._cond.notify_all()
+
+    def _wait_for_shared(self, wait: float, allow_closed: bool) -> None:
+        """Called with the condition held: wait until a lease may be taken."""
+
+        def may_enter() -> bool:
+            free = not self._exclusive and self._waiting == 0
+            return free or (self._closed and not allow_closed)
+
+        self._shared_waiting += 1
+        self._cond.notify_all()
         try:
-            yield
+            entered = self._cond.wait_for(may_enter, wait)
         finally:
-            with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
+            self._shared_waiting -= 1
+        if not entered:
+            raise LeaseTimeout(
+                f"no lease on the {self._what} within {wait:g} s: an exclusive section"
+                " (rotation, rekey or seal) is running"
+            )
+        if not allow_closed:
+            self._check_open()
+
+    def _exit_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            self._cond.notify_all()
 
     # --- the exclusive section -----------------------------------------------------------
 
@@ -225,3 +239,42 @@ class LeaseGate:
         with self._cond:
             state = "closed" if self._closed else ("exclusive" if self._exclusive else "open")
             return f"LeaseGate({self._what}, {state}, leases={self._shared})"
+
+
+def _nothing() -> None:
+    return None
+
+
+class SharedLease(Generic[T]):
+    """One shared lease on a :class:`LeaseGate`, as a context manager (see
+    :meth:`LeaseGate.shared` and :meth:`LeaseGate.leased`).
+
+    A plain class rather than a generator: a node takes several leases per round, and a
+    generator-based context manager cost about three times as much.
+    """
+
+    __slots__ = ("_allow_closed", "_gate", "_value", "_wait")
+
+    def __init__(
+        self, gate: LeaseGate, wait: float, allow_closed: bool, value: Callable[[], T]
+    ) -> None:
+        self._gate = gate
+        self._wait = wait
+        self._allow_closed = allow_closed
+        self._value = value
+
+    def __enter__(self) -> T:
+        self._gate._enter_shared(self._wait, self._allow_closed)
+        try:
+            return self._value()
+        except BaseException:
+            self._gate._exit_shared()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._gate._exit_shared()

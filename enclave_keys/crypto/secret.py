@@ -34,7 +34,8 @@ import hmac
 import mmap
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, NoReturn, Self
 
@@ -404,40 +405,35 @@ class SecretBytes(NoCopy):
 
     # --- access ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def borrow(self) -> Iterator[memoryview]:
-        """Yield a read-only view of the key bytes, released when the block ends.
+    def borrow(self) -> AbstractContextManager[memoryview]:
+        """A read-only view of the key bytes for a ``with`` block, released when it ends.
 
-        Raises :class:`SecretWiped` if the secret was wiped. A wipe during the block
-        zeroes the memory at once; the unmap waits for the block to end.
+        Raises :class:`SecretWiped` (on entering the block) if the secret was wiped. A
+        wipe during the block zeroes the memory at once; the unmap waits for the block
+        to end.
         """
+        return _Borrow(self)
+
+    def _begin_borrow(self) -> tuple[memoryview, list[memoryview], weakref.ref[Any] | None]:
+        """Start a borrow: (read-only view, views to release at its end, the exporter of
+        an arena slot's view — alive after the release means the view escaped)."""
         with self._lock:
             if self._wiped or (self._mapping is None and self._arena is None):
                 raise SecretWiped(f"{self!r} was used after it was wiped")
             self._borrows += 1
             mapping = self._mapping
-        if mapping is None:  # an arena slot
-            writable, exporter = _slot_view(self._address, self._size)
-            view = writable.toreadonly()
-            writable.release()
-            try:
-                yield view
-            finally:
-                with contextlib.suppress(BufferError):  # the caller exported the view
-                    view.release()
-                # A slice or export of the view still alive would see whatever secret
-                # gets this slot next: then the slot is retired instead of reused.
-                self._end_borrow(escaped=exporter() is not None)
-            return
-        whole = memoryview(mapping)
-        view = whole[: self._size].toreadonly()
         try:
-            yield view
-        finally:
-            for held in (view, whole):
-                with contextlib.suppress(BufferError):  # the caller exported the view
-                    held.release()
+            if mapping is None:  # an arena slot
+                writable, exporter = _slot_view(self._address, self._size)
+                view = writable.toreadonly()
+                writable.release()
+                return view, [view], exporter
+            whole = memoryview(mapping)
+            view = whole[: self._size].toreadonly()
+            return view, [view, whole], None
+        except BaseException:
             self._end_borrow(escaped=False)
+            raise
 
     def _end_borrow(self, *, escaped: bool) -> None:
         with self._lock:
@@ -533,3 +529,32 @@ class SecretBytes(NoCopy):
         return f"SecretBytes(size={size}, {'locked' if self._locked else 'not locked'})"
 
     __str__ = __repr__
+
+
+class _Borrow:
+    """One :meth:`SecretBytes.borrow` (a plain class: a generator-based context manager
+    cost about three times as much, and a key is borrowed several times per round)."""
+
+    __slots__ = ("_exporter", "_held", "_secret")
+
+    def __init__(self, secret: SecretBytes) -> None:
+        self._secret = secret
+
+    def __enter__(self) -> memoryview:
+        view, self._held, self._exporter = self._secret._begin_borrow()
+        return view
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for held in self._held:
+            with contextlib.suppress(BufferError):  # the caller exported the view
+                held.release()
+        # A slice or export of an arena slot's view still alive would see whatever
+        # secret gets this slot next: then the slot is retired instead of reused.
+        exporter = self._exporter
+        del self._held, self._exporter
+        self._secret._end_borrow(escaped=exporter is not None and exporter() is not None)

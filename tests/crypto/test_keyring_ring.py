@@ -36,6 +36,7 @@ from enclave_keys.errors import (
     MasterKeyError,
     Sealed,
     SecretWiped,
+    UnknownEpoch,
     UnknownKekVersion,
     UnwrapFailed,
 )
@@ -440,6 +441,37 @@ def test_exclusive_times_out_and_holds_nothing(ring: Keyring) -> None:
             pass
     with ring.exclusive(0.0):
         pass
+
+
+def test_a_leased_value_is_read_under_the_lease_and_a_failing_one_ends_it() -> None:
+    gate = LeaseGate("thing")
+    with gate.leased(WAIT, lambda: gate.open_leases) as seen:
+        assert seen == 1  # the value is read once the lease is held
+        assert gate.open_leases == 1
+
+    def broken() -> int:
+        raise UnknownEpoch("gone")
+
+    with pytest.raises(UnknownEpoch), gate.leased(WAIT, broken):
+        pass
+    assert gate.open_leases == 0
+    with pytest.raises(RuntimeError), gate.shared(WAIT):
+        raise RuntimeError("the block failed")
+    assert gate.open_leases == 0
+    with gate.exclusive(0.0):  # nothing leaked: a section gets in at once
+        pass
+
+
+def test_a_closed_gate_refuses_leases_unless_allowed() -> None:
+    gate = LeaseGate("thing")
+    assert gate.close(WAIT)
+    with pytest.raises(Sealed), gate.shared(WAIT):
+        pass
+    with pytest.raises(Sealed), gate.leased(WAIT, lambda: 1):
+        pass
+    with gate.shared(WAIT, allow_closed=True):
+        assert gate.open_leases == 1
+    assert gate.open_leases == 0
 
 
 def test_seal_waits_for_leases_then_wipes(ring: Keyring) -> None:
