@@ -22,6 +22,8 @@ from benchmarks.harness import Row, Target, median_seconds, timed
 from benchmarks.nodes import NodeOpener, complete_all, request_all, round_ids
 from benchmarks.raw import RawLog, generate_key, new_aead, wrap_key
 from benchmarks.workdir import Workdir
+from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds
+from enclave_keys.ids import RoundId
 
 __all__ = ["run_lifecycle"]
 
@@ -106,6 +108,40 @@ def primitives(sizes: Sizes, work: Workdir) -> dict[str, float]:
     return costs
 
 
+def _ended_rounds_row(sizes: Sizes) -> Row:
+    """Each core remembers the ended rounds up to a horizon (``RecentRounds``); once a node
+    has seen more rounds than that, every round ended also forgets the oldest. Measured
+    at the default horizon, full, against adding to a plain dict."""
+    horizon = DEFAULT_HORIZON
+    older = [RoundId(f"old:{n}") for n in range(horizon)]
+    # As many adds as the horizon: a plain dict's deleted entries pile up at its front
+    # until a resize compacts it, so fewer adds would not show a full cycle of that.
+    newer = [RoundId(f"new:{n}") for n in range(horizon)]
+
+    def per_add(add: Callable[[RoundId], object]) -> float:
+        start = time.perf_counter()
+        for rid in newer:
+            add(rid)
+        return (time.perf_counter() - start) / len(newer)
+
+    def recent() -> float:
+        return per_add(RecentRounds(horizon, older).add)
+
+    def plain() -> float:
+        known = dict.fromkeys(older)
+        return per_add(lambda rid: known.setdefault(rid))
+
+    return Row(
+        "lifecycle",
+        f"round ended at the full horizon ({horizon:,} remembered)",
+        len(newer),
+        "us/op",
+        median_seconds(recent, sizes.repeats) * 1e6,
+        "dict insert",
+        median_seconds(plain, sizes.repeats) * 1e6,
+    )
+
+
 def run_lifecycle(sizes: Sizes, work: Workdir) -> list[Row]:
     costs = primitives(sizes, work)
     crypto = costs["key generation"] + costs["wrap (AES-GCM, 32 B)"]
@@ -115,6 +151,7 @@ def run_lifecycle(sizes: Sizes, work: Workdir) -> list[Row]:
         Row("lifecycle", f"bare primitive: {name}", 1, "us/op", seconds * 1e6)
         for name, seconds in costs.items()
     ]
+    rows.append(_ended_rounds_row(sizes))
     opener = NodeOpener()
     try:
         for count in sizes.rounds:

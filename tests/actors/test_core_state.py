@@ -250,3 +250,18 @@ def test_recent_rounds_from_a_list_equal_the_same_adds_one_by_one(
     built = RecentRounds(horizon, rounds)
     assert list(built) == list(added)
     assert len(built) == len(added) <= horizon
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    names=st.lists(st.sampled_from("abcdefghij"), max_size=60),
+    horizon=st.integers(min_value=1, max_value=6),
+)
+def test_recent_rounds_keep_the_horizon_most_recently_added(names: list[str], horizon: int) -> None:
+    recent = RecentRounds(horizon)
+    model: list[str] = []  # oldest first; adding again moves a name to the newest end
+    for name in names:
+        recent.add(RoundId(name))
+        model = [*(n for n in model if n != name), name][-horizon:]
+        assert [rid.value for rid in recent] == model
+        assert all((RoundId(n) in recent) == (n in model) for n in "abcdefghij")
