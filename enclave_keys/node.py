@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Literal
+from typing import Final, Literal
 
 import structlog
 
@@ -71,6 +71,9 @@ from enclave_keys.unseal import record_names as unseal_records
 _log = structlog.get_logger(__name__)
 
 NODE_SOURCE = "node"
+SNAPSHOT_BYTES_PER_EVENT: Final = 256
+"""Snapshot spacing: at least one event per this many bytes of the last snapshot (a
+snapshot costs ~0.02 µs per byte to build and write, so ~5 µs per event at most)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,7 @@ class Node:
         self._runtime: Runtime | None = None
         self._recovery: RecoveryReport | None = None
         self._last_snapshot = 0
+        self._last_snapshot_size = 0  # bytes of the newest snapshot written or restored
         self._stopped = False
 
     @classmethod
@@ -266,8 +270,9 @@ class Node:
                     sequence=sequence,
                     cores={core.name: core.snapshot_state() for core in cores.all()},
                     contexts={rid: list(deps) for rid, deps in self._registry.snapshot().items()},
-                )
-                self._store.put_snapshot(sequence, record.to_bytes())
+                ).to_bytes()
+                self._store.put_snapshot(sequence, record)
+                self._last_snapshot_size = len(record)
                 del record
             self._last_snapshot = sequence
             _log.info("snapshot_written", sequence=sequence)
@@ -453,6 +458,7 @@ class Node:
             _log.warning("snapshot_unreadable", sequence=latest[0])
             return None
         self._last_snapshot = snap.sequence
+        self._last_snapshot_size = len(latest[1])
         return snap.sequence
 
     def _replay(self, cores: _Cores, *, after: int) -> int:
@@ -661,12 +667,22 @@ class Node:
         return self._runtime
 
     def _maybe_snapshot(self) -> None:
-        """Snapshot every ``snapshot_every`` events — or, with more live rounds than that,
-        every as many events as there are live rounds: a snapshot costs in proportion to
-        the live rounds (and, on Pykka, waits for the actors to settle), so taking one per
-        ``snapshot_every`` events would make a busy node's cost per event grow with its
-        size. A restart then replays at most about as many events as the snapshot holds
-        rounds."""
-        due = max(self._config.snapshot_every, len(self._registry))
+        """Snapshot every ``snapshot_every`` events — or less often, as a snapshot grows.
+
+        A snapshot costs in proportion to what it holds: the live rounds, and the ended
+        rounds each core remembers (up to its horizon, 100,000 by default) to recognise
+        late events. Taken every ``snapshot_every`` events regardless, it made a node's
+        cost per event grow with its live rounds, and a node that had seen 100,000 rounds
+        spend ~110 ms per snapshot — more than the rounds themselves. So one is due after
+        as many events as there are live rounds, or as the last snapshot had
+        :data:`SNAPSHOT_BYTES_PER_EVENT`-byte units, whichever is more: the cost per
+        event stays flat, and a restart replays at most about as many events as its
+        snapshot is large.
+        """
+        due = max(
+            self._config.snapshot_every,
+            len(self._registry),
+            self._last_snapshot_size // SNAPSHOT_BYTES_PER_EVENT,
+        )
         if self._store.last_sequence() - self._last_snapshot >= due:
             self.snapshot()

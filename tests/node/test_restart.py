@@ -27,7 +27,7 @@ from enclave_keys.events import (
 )
 from enclave_keys.ids import EventId, RoundId
 from enclave_keys.keyshare import DECRYPTION_SHARE_PURPOSE, KeyshareCore, derive_decryption_share
-from enclave_keys.node import Node
+from enclave_keys.node import SNAPSHOT_BYTES_PER_EVENT, Node
 from enclave_keys.store import LmdbStore
 from tests.node.conftest import (
     FAR,
@@ -343,3 +343,35 @@ def test_snapshots_are_spaced_by_the_live_rounds_once_they_outnumber_snapshot_ev
     (_, second) = node.store.snapshot_sequences()
     assert second - first >= len(live)
     node.stop()
+
+
+def test_snapshots_are_spaced_by_the_size_of_the_last_one(nodes: NodeFactory) -> None:
+    """Ended rounds the cores remember make a snapshot big with few rounds live."""
+    node = nodes.open(snapshot_every=4)
+    for n in range(60):
+        ended = RoundId(f"e3:ended{n}")
+        publish(node, request(ended))
+        settle(node)
+        publish(node, RoundComplete(round_id=ended))
+        settle(node)
+    live = RoundId("e3:still-live")
+    publish(node, request(live))
+    settle(node)
+    first, size = _latest_snapshot(node)
+    spacing = size // SNAPSHOT_BYTES_PER_EVENT
+    assert spacing > 4  # more than snapshot_every: the size rules
+    assert set(node.router.open_rounds()) == {live}  # and not the live rounds
+
+    while node.store.snapshot_sequences()[-1] == first:
+        publish(node, DecryptionShareRequested(round_id=live, request_id=EventId.random()))
+        settle(node)
+        assert node.store.last_sequence() - first <= spacing + 4, "no snapshot came due"
+    second, _ = _latest_snapshot(node)
+    assert second - first >= spacing
+    node.stop()
+
+
+def _latest_snapshot(node: Node) -> tuple[int, int]:
+    latest = node.store.latest_snapshot()
+    assert latest is not None
+    return latest[0], len(latest[1])
