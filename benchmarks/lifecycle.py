@@ -7,6 +7,12 @@ whole cycle. The baselines are the bare per-round work: an AES-256 key generated
 (one AES-GCM encryption of 32 bytes), put into LMDB and deleted from it — once with puts
 and deletes grouped 256 to a durable transaction (as the node's group commit writes them),
 once with one durable transaction each; the table also shows each primitive alone.
+
+The *steady-state* row runs the largest size again, 100 rounds live at a time, in a node
+restarted from a snapshot that remembers as many ended rounds as its cores keep (the
+default horizon): what a node that has been up a while does. Two costs that grow with a
+node's history — forgetting the oldest ended round, and snapshots full of remembered
+rounds — only show there (and in the horizon row).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 from benchmarks.config import Sizes
@@ -24,6 +31,8 @@ from benchmarks.raw import RawLog, generate_key, new_aead, wrap_key
 from benchmarks.workdir import Workdir
 from enclave_keys.core_state import DEFAULT_HORIZON, RecentRounds
 from enclave_keys.ids import RoundId
+from enclave_keys.snapshot import NodeSnapshot
+from enclave_keys.store import LmdbStore
 
 __all__ = ["run_lifecycle"]
 
@@ -47,6 +56,51 @@ def _cycle(opener: NodeOpener, work: Workdir, count: int) -> tuple[float, float]
         finally:
             node.stop()
     return keyed, purged
+
+
+STEADY_LIVE: Final = 100  # rounds live at a time in the steady-state run
+# Each core's snapshot lists of the ended rounds it remembers (the round cipher's are
+# rebuilt at start, not snapshotted).
+_REMEMBERED: Final = {
+    "router": ("completed",),
+    "reaper": ("completed", "requested"),
+    "keyshare": ("ended",),
+}
+
+
+def _as_if_seasoned(path: Path, ended: int) -> None:
+    """Make the stopped node at ``path`` restart as one that has ended ``ended`` rounds:
+    its newest snapshot gets that many ended round ids in each core's memory of them."""
+    with LmdbStore.open(path) as store:
+        latest = store.latest_snapshot()
+        if latest is None:
+            raise RuntimeError("the node wrote no snapshot on stop")
+        snapshot = NodeSnapshot.from_bytes(latest[1])
+        old = [f"ended:{n}" for n in range(ended)]
+        for core, fields in _REMEMBERED.items():
+            for name in fields:
+                snapshot.cores[core][name] = old + snapshot.cores[core][name]
+        store.put_snapshot(latest[0], snapshot.to_bytes())
+
+
+def _steady_cycle(opener: NodeOpener, work: Workdir, count: int) -> float:
+    """Seconds for ``count`` rounds, ``STEADY_LIVE`` live at a time, in a node that has
+    already ended as many rounds as its cores remember (the default horizon)."""
+    with work.scratch("steady") as path:
+        opener.open(path).stop()
+        _as_if_seasoned(path, DEFAULT_HORIZON)
+        node = opener.open(path)
+        try:
+            rids = round_ids(0, count)
+
+            def cycle() -> None:
+                for i in range(0, count, STEADY_LIVE):
+                    request_all(node, rids[i : i + STEADY_LIVE])
+                    complete_all(node, rids[i : i + STEADY_LIVE])
+
+            return timed(cycle)
+        finally:
+            node.stop()
 
 
 def _per_op(
@@ -178,6 +232,23 @@ def run_lifecycle(sizes: Sizes, work: Workdir) -> list[Row]:
                     ("keygen+wrap+put+delete, a commit each", one_by_one, None),
                 )
             ]
+        count = max(sizes.rounds)
+        steady = [
+            _steady_cycle(opener, work, count) for _ in range(sizes.repeats_for(count, _BUDGET))
+        ]
+        rows.append(
+            Row(
+                "lifecycle",
+                f"steady state: {DEFAULT_HORIZON:,} rounds ended before, {STEADY_LIVE} live"
+                " at a time (Pykka)",
+                count,
+                "rounds/s",
+                count / statistics.median(steady),
+                f"keygen+wrap, put+delete in groups of {GROUP}",
+                grouped,
+                LIFECYCLE_TARGET,
+            )
+        )
     finally:
         opener.close()
     return rows
