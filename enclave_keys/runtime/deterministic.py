@@ -102,9 +102,16 @@ class DeterministicRuntime:
         self._bus.start()
 
     def stop(self) -> None:
-        """Stop; abandon queued requests and undelivered events (logged). Idempotent."""
+        """Stop; abandon queued requests and undelivered events (logged). Idempotent.
+
+        Raises ``LifecycleError`` from inside a handler: the delivery in progress would
+        queue what the handler returns after the queue was abandoned, and its staged
+        writes (holding an epoch lease) would never be settled.
+        """
         if self._stopped:
             return
+        if self._dispatching:
+            raise LifecycleError("called from inside a handler: stop the node from outside")
         self._stopped = True
         if self._queue or self._undelivered:
             _log.warning(

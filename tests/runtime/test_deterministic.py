@@ -148,6 +148,28 @@ def test_a_handler_publishing_directly_is_refused_and_isolated() -> None:
     assert store.last_sequence() == 2
 
 
+def test_a_handler_stopping_the_runtime_is_refused_and_isolated() -> None:
+    store = MemoryStore()
+    runtime = DeterministicRuntime(store, ManualClock(START), 0)
+
+    class Stopper(Recorder):
+        def handle(self, stored: StoredEvent) -> Sequence[Event]:
+            super().handle(stored)
+            runtime.stop()
+            return []
+
+    runtime.subscribe(Stopper("stopper", (type(requested()),)))
+    runtime.start()
+    runtime.publish([requested()], source="test")
+
+    failed = [s.payload for s in store.read_events()][1]
+    assert isinstance(failed, HandlerFailed)
+    assert failed.error_type == "enclave_keys.errors.LifecycleError"
+    runtime.publish([requested("e3:after")], source="test")  # still running
+    assert store.last_sequence() == 4
+    runtime.stop()
+
+
 def test_tick_reads_the_clock_once_and_commits_one_group() -> None:
     store = FlakyStore()
     clock = ManualClock(START)
