@@ -134,8 +134,10 @@ class _Gate:
 
     @property
     def is_open(self) -> bool:
-        with self._lock:
-            return self._open
+        """Read without the lock (handlers ask once per event, and the lock is busy with
+        sends). A stale True costs one more event handled: its publish is then refused
+        by :meth:`send`, which alone decides under the lock."""
+        return self._open
 
     def close(self) -> None:
         with self._lock:
