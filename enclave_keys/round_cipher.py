@@ -8,7 +8,9 @@ publishes ``RoundKeyReady``. The epoch key comes from an
 :class:`~enclave_keys.epochs.EpochKeeper`) under a lease held across the wrap *and* the
 store of the blob, so an epoch change either rewraps the new blob or runs before it.
 If anything fails, what was made is undone and the round fails with
-``key_creation_failed`` — there is never a fallback to the master key. On
+``key_creation_failed`` — there is never a fallback to the master key. Under a runtime
+the blob commits with ``RoundKeyReady`` in the bus's group; if that commit fails, the
+key is taken back and wiped, and the next :meth:`RoundCipherCore.tick` fails the round. On
 ``RoundComplete`` the key is retired, wiped, deleted from the store (with the ratchet
 kept out, so an epoch change in flight cannot write it back) and removed from the
 context, ``RoundPurged`` is published, and the epoch source is told: within its window
@@ -296,6 +298,9 @@ class RoundCipherCore:
         self._requested = RecentRounds(horizon)
         # Writes waiting for the runtime's group commit; None: commit each at once.
         self._staged: list[_PutKey | _DeleteKey] | None = None
+        # Rounds whose staged key the group commit did not store (settled on the bus's
+        # thread): failed by the next tick rather than left to their deadline.
+        self._unstored: list[RoundId] = []
 
     # --- queries ------------------------------------------------------------------------
 
@@ -394,6 +399,7 @@ class RoundCipherCore:
         staging, or ``now`` — commit it at once (settled either way; raises if it failed).
         """
         if self._staged is not None and not now:
+            write.staged = True
             self._staged.append(write)
             return
         try:
@@ -403,6 +409,28 @@ class RoundCipherCore:
             write.settle(committed=False)
             raise
         write.settle(committed=True)
+
+    def tick(self, now: float) -> Sequence[Event]:
+        """Fail the rounds whose key was made but never stored (its group commit failed):
+        they cannot go on, and should not wait for their deadline. Once each."""
+        with self._lock:
+            unstored, self._unstored = self._unstored, []
+        failed: list[Event] = []
+        for rid in unstored:
+            if self._registry.get(rid) is None or rid in self._completed:
+                continue  # ended meanwhile: nothing to fail
+            if self.cipher_of(rid) is not None or self._store.get_key(rid) is not None:
+                continue  # keyed after all
+            _log.error("round_key_not_stored", round_id=rid.value)
+            failed.append(
+                RoundFailed(
+                    round_id=rid,
+                    failed_at=RoundStage.REQUESTED,
+                    reason=FailureReason.KEY_CREATION_FAILED,
+                    detail="the round key could not be stored",
+                )
+            )
+        return failed
 
     def _unkey(self, write: _PutKey) -> None:
         """A new key that will never be stored: take it back out of the core and the
@@ -415,6 +443,9 @@ class RoundCipherCore:
         if context is not None and context.get(ROUND_CIPHER) is leased:
             context.remove(ROUND_CIPHER)
         leased.retire(self._lease_timeout)
+        if write.staged:  # (a key written at once fails its round in _create)
+            with self._lock:
+                self._unstored.append(rid)
 
     def _purge(self, rid: RoundId, *, now: bool = False) -> RoundPurged | None:
         """Retire, wipe, delete and un-context the round's key. None if there was none.
@@ -641,13 +672,14 @@ class _KeyWrite(ABC):
     is undone (:meth:`_not_committed`), then the lease ends, then :meth:`_settled` runs.
     """
 
-    __slots__ = ("_core", "_lease", "_settled", "round_id")
+    __slots__ = ("_core", "_lease", "_settled", "round_id", "staged")
 
     def __init__(self, core: RoundCipherCore, round_id: RoundId, lease: ExitStack) -> None:
         self._core = core
         self.round_id = round_id
         self._lease = lease
         self._settled = False
+        self.staged = False  # handed to the runtime's group commit (not written at once)
 
     @abstractmethod
     def apply(self, batch: WriteBatch) -> None: ...

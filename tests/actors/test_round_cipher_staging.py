@@ -17,7 +17,14 @@ from enclave_keys.context import ContextRegistry
 from enclave_keys.crypto import Keyring, read_wrapped_header
 from enclave_keys.epochs import EpochChange, EpochKeeper
 from enclave_keys.errors import LifecycleError, StoreError
-from enclave_keys.events import RoundComplete, RoundKeyReady, RoundOpened, RoundPurged
+from enclave_keys.events import (
+    FailureReason,
+    RoundComplete,
+    RoundFailed,
+    RoundKeyReady,
+    RoundOpened,
+    RoundPurged,
+)
 from enclave_keys.handler import StagedWrite, Staging
 from enclave_keys.ids import RoundId
 from enclave_keys.round_cipher import ROUND_CIPHER, RoundCipherCore
@@ -166,6 +173,41 @@ def test_a_failed_group_commit_leaves_neither_key_nor_announcement(ring: Keyring
     assert core.held_rounds() == []
     assert context.get(ROUND_CIPHER) is None
     keeper.ratchet(timeout=0.5)  # the epoch lease went with the failed write
+
+    runtime.tick()  # the round cannot go on: failed now, not at its deadline
+    failures = [s.payload for s in store.read_events() if isinstance(s.payload, RoundFailed)]
+    assert [(f.round_id, f.reason) for f in failures] == [(R, FailureReason.KEY_CREATION_FAILED)]
+    runtime.tick()  # once
+    assert store.last_sequence() == 2
+    runtime.stop()
+    keeper.close()
+
+
+def test_a_key_written_at_once_is_not_failed_again_by_a_tick(
+    store: Store, keeper: EpochKeeper, registry: ContextRegistry
+) -> None:
+    direct = RoundCipherCore(KeyGroupsFail(), keeper, registry, lease_timeout=WAIT)
+    registry.open(R)
+    (failed,) = direct.handle(stored(RoundOpened(round_id=R, deadline=T0 + 600)))
+    assert isinstance(failed, RoundFailed)  # failed at once, by the handler
+    assert direct.tick(T0) == []
+
+
+def test_a_tick_leaves_an_unstored_round_alone_once_it_ended(ring: Keyring) -> None:
+    store = KeyGroupsFail()
+    keeper = open_keeper(store, ring, clock=ManualClock(T0), lease_timeout=WAIT)
+    registry = ContextRegistry()
+    core = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
+    runtime = DeterministicRuntime(store, ManualClock(T0), seed=1)
+    runtime.subscribe(core)
+    runtime.start()
+    registry.open(R)
+    runtime.publish([RoundOpened(round_id=R, deadline=T0 + 600)], source="test")
+    with pytest.raises(StoreError):
+        runtime.wait_idle(WAIT)
+    registry.close(R)  # the round ended meanwhile (its deadline, say)
+    runtime.tick()
+    assert not any(isinstance(s.payload, RoundFailed) for s in store.read_events())
     runtime.stop()
     keeper.close()
 
