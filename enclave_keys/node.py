@@ -273,7 +273,6 @@ class Node:
                 ).to_bytes()
                 self._store.put_snapshot(sequence, record)
                 self._last_snapshot_size = len(record)
-                del record
             self._last_snapshot = sequence
             _log.info("snapshot_written", sequence=sequence)
             return sequence
