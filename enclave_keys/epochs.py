@@ -150,6 +150,13 @@ class _Rewrap(KekDependent):
         self._keeper._roll_back(self._new)
 
 
+CLEAN_RECORD: Final = "epoch.clean"
+"""Meta record written at a clean stop or seal when no purge is waiting for an epoch
+change: the current epoch number. The next open reads and deletes it; if it names the
+epoch the keeper opened with, that open's start ratchet can be skipped. Any purge after
+it is written deletes it again."""
+
+
 class EpochKeeper:
     """Holds the current storage epoch key and ratchets it. An :class:`EpochSource`.
 
@@ -194,6 +201,8 @@ class EpochKeeper:
         self._timer: threading.Thread | None = None
         self._wake = threading.Condition(self._lock)
         self._closing = False
+        self._clean_at_open = False
+        self._marked_clean = False  # this keeper wrote CLEAN_RECORD (a purge deletes it)
 
     # --- open and recovery ----------------------------------------------------------------
 
@@ -226,10 +235,45 @@ class EpochKeeper:
         )
         try:
             recovery = keeper._recover()
+            keeper._clean_at_open = keeper._take_clean_record()
         except BaseException:
             keeper.close()
             raise
         return keeper, recovery
+
+    def _take_clean_record(self) -> bool:
+        """Read and delete :data:`CLEAN_RECORD`: True if it names the current epoch.
+        Deleted before anything else runs, so a crash from here on leaves no record."""
+        raw = self._store.get_meta(CLEAN_RECORD)
+        if raw is None:
+            return False
+        with self._store.write() as batch:
+            batch.delete_meta(CLEAN_RECORD)
+        return raw == self._epoch_number().to_bytes()
+
+    @property
+    def clean_at_open(self) -> bool:
+        """True if the last session ended cleanly with no purge waiting for an epoch
+        change, in the epoch this keeper opened with: its start needs no ratchet for
+        purges made before it (see :data:`CLEAN_RECORD`)."""
+        return self._clean_at_open
+
+    def mark_clean(self) -> bool:
+        """At a clean stop or seal, after :meth:`ratchet_pending`: record that no purge
+        is waiting for an epoch change, so the next open may skip its start ratchet.
+
+        Written under the exclusive section, so no delete is in flight; False (and
+        nothing written) if a purge is still waiting. A purge after this deletes the
+        record again.
+        """
+        with self._gate.exclusive(self._lease_timeout):
+            with self._lock:
+                if self._pending_since is not None or self._current is None:
+                    return False
+                number = self._current.number
+                self._marked_clean = True
+            self._store.put_meta(CLEAN_RECORD, number.to_bytes())
+        return True
 
     def _recover(self) -> EpochRecovery:
         found: list[_Slot] = []
@@ -411,6 +455,12 @@ class EpochKeeper:
                 self._pending_since = self._clock.now()
             self._purges += 1
             self._wake.notify_all()
+            unmark, self._marked_clean = self._marked_clean, False
+        if unmark:  # a purge after a clean mark (the node marks only once stopped)
+            try:
+                self._store.delete_meta(CLEAN_RECORD)
+            except Exception as exc:  # on the bus's thread: report, never raise
+                _log.error("epoch_clean_record_not_deleted", error_type=type(exc).__qualname__)
 
     # --- ratchet --------------------------------------------------------------------------
 

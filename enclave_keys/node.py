@@ -314,7 +314,7 @@ class Node:
             runtime.publish([NodeSealed()], source=NODE_SOURCE)
             self.snapshot()
             self.epochs.ratchet_pending()
-            self._shut_down()
+            self._shut_down(clean=True)
             _log.info("node_sealed")
 
     def rotate_kek(self, *, timeout: float | None = None) -> KekRotation:
@@ -396,8 +396,13 @@ class Node:
                 self._runtime.start()
                 self._recovery = self._sweep(snapshot_sequence, replayed, report, epoch_recovery)
                 # Whatever was purged before this start (a crash may have cut a window
-                # short) has its epoch destroyed now.
-                self._epochs.ratchet("start")
+                # short) has its epoch destroyed now — unless the last session ended
+                # cleanly with every purge covered, when only this start's own purges
+                # (the sweep's) need an epoch change.
+                if self._epochs.clean_at_open:
+                    self._epochs.ratchet_pending()
+                else:
+                    self._epochs.ratchet("start")
                 if cfg.runtime == "pykka":
                     self._epochs.start_timer()
         except BaseException:
@@ -543,13 +548,15 @@ class Node:
         with self._lock:
             if self._stopped:
                 return
+            clean = False
             try:
                 if self._runtime is not None and self._cores is not None:
                     self.snapshot()
                 if self._epochs is not None:
                     self._epochs.ratchet_pending()
+                clean = True
             finally:
-                self._abandon()
+                self._abandon(clean=clean)
             _log.info("node_stopped")
 
     def crash(self) -> None:
@@ -595,8 +602,13 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
 
-    def _shut_down(self) -> None:
-        """Stop the actors and wipe every key; the node is sealed afterwards."""
+    def _shut_down(self, *, clean: bool = False) -> None:
+        """Stop the actors and wipe every key; the node is sealed afterwards.
+
+        ``clean``: every purge was covered by an epoch change just before (a stop or
+        seal); once the actors are stopped that is recorded, and the next start skips
+        its ratchet (:meth:`EpochKeeper.mark_clean`).
+        """
         if self._runtime is not None:
             self._runtime.stop()
             self._runtime = None
@@ -604,6 +616,8 @@ class Node:
             self._cores.round_cipher.wipe_all()
             self._cores = None
         if self._epochs is not None:
+            if clean:
+                self._mark_clean(self._epochs)
             self._epochs.close()
             self._epochs = None
         self._close_contexts()
@@ -614,9 +628,16 @@ class Node:
             self._master.seal(self._config.lease_timeout, force=True)
             self._master = None
 
-    def _abandon(self) -> None:
+    @staticmethod
+    def _mark_clean(epochs: EpochKeeper) -> None:
+        try:
+            epochs.mark_clean()
+        except Exception as exc:  # no record: the next start ratchets, as after a crash
+            _log.warning("epoch_clean_record_not_written", error_type=type(exc).__qualname__)
+
+    def _abandon(self, *, clean: bool = False) -> None:
         self._stopped = True
-        self._shut_down()
+        self._shut_down(clean=clean)
         if self._owns_store:
             self._store.close()
 

@@ -25,7 +25,7 @@ from enclave_keys.crypto import (
     unwrap_round_key,
     wrap_round_key,
 )
-from enclave_keys.epochs import EpochKeeper, RatchetPhase, slot_status
+from enclave_keys.epochs import CLEAN_RECORD, EpochKeeper, RatchetPhase, slot_status
 from enclave_keys.errors import (
     RatchetFailed,
     Sealed,
@@ -467,3 +467,49 @@ def test_the_keeper_works_over_lmdb_files(tmp_path: object) -> None:
                 keeper.close()
     finally:
         ring.seal(0.0, force=True)
+
+
+# --- the clean record: a clean stop lets the next start skip its ratchet --------------
+
+
+def test_a_clean_mark_lets_the_next_open_skip_its_start_ratchet_once(bench: Bench) -> None:
+    assert not bench.keeper.clean_at_open  # a fresh store
+    assert bench.keeper.mark_clean()
+    bench.keeper.close()
+    keeper, _ = bench.reopen()
+    assert keeper.clean_at_open
+    assert bench.store.get_meta(CLEAN_RECORD) is None  # taken by that open
+    keeper.close()
+    again, _ = bench.reopen()  # a crash after that open would come back here
+    assert not again.clean_at_open
+    again.close()
+
+
+def test_no_clean_mark_while_a_purge_waits_for_its_epoch_change(bench: Bench) -> None:
+    bench.keeper.purged()
+    assert not bench.keeper.mark_clean()
+    assert bench.store.get_meta(CLEAN_RECORD) is None
+    bench.keeper.ratchet_pending()
+    assert bench.keeper.mark_clean()
+
+
+def test_a_purge_after_the_clean_mark_takes_it_back(bench: Bench) -> None:
+    assert bench.keeper.mark_clean()
+    bench.keeper.purged()
+    assert bench.store.get_meta(CLEAN_RECORD) is None
+    bench.keeper.close()
+    keeper, _ = bench.reopen()
+    assert not keeper.clean_at_open
+    keeper.close()
+
+
+def test_a_clean_mark_for_another_epoch_counts_for_nothing(bench: Bench) -> None:
+    assert bench.keeper.mark_clean()  # names epoch 1
+    bench.keeper.close()
+    keeper, _ = bench.reopen()
+    keeper.ratchet()  # epoch 2, no mark taken for it
+    keeper.close()
+    bench.store.put_meta(CLEAN_RECORD, E1.to_bytes())  # a stale record (a restored backup)
+    stale, _ = bench.reopen()
+    assert not stale.clean_at_open
+    stale.close()

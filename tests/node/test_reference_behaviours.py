@@ -130,8 +130,11 @@ def test_a_round_key_is_stored_wrapped_and_loads_back_to_the_same_key(nodes: Nod
     assert node.recovery.hydrated == (r,)
     assert node.recovery.failed == ()
     assert node.recovery.purged == ()
-    # The start ratcheted the epoch: the same key, rewrapped under the new epoch key; the
-    # epoch of the blob stored before the restart is gone.
+    # A clean stop with nothing purged: the start kept the epoch and the blob as stored.
+    assert node.epochs.epoch == epoch
+    assert node.store.get_key(r) == blob
+    # A ratchet rewraps the same key under the new epoch key; the old epoch is gone.
+    node.epochs.ratchet()
     rewrapped = node.store.get_key(r)
     assert rewrapped is not None
     assert read_wrapped_header(rewrapped) == (node.epochs.epoch, key_id)

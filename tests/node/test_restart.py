@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from enclave_keys.errors import UnknownEpoch
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareRequested,
@@ -375,3 +376,28 @@ def _latest_snapshot(node: Node) -> tuple[int, int]:
     latest = node.store.latest_snapshot()
     assert latest is not None
     return latest[0], len(latest[1])
+
+
+def test_a_start_after_a_clean_stop_needs_no_ratchet_but_one_after_a_crash_does(
+    nodes: NodeFactory,
+) -> None:
+    node = nodes.open()
+    ended, live = rid("clean-ended"), rid("clean-live")
+    publish(node, request(ended), request(live))
+    settle(node)
+    purged_epoch = node.epochs.epoch  # the ended round's key is wrapped under it
+    publish(node, RoundComplete(round_id=ended))
+    settle(node)
+    node.stop()  # ratchets the pending purge, then marks the store clean
+
+    node = nodes.open()
+    assert node.epochs.changes == 0  # no start ratchet
+    assert node.epochs.epoch != purged_epoch  # the purged key's epoch is still gone
+    with pytest.raises(UnknownEpoch), node.epochs.epoch_for(purged_epoch):
+        pass
+    require_cipher(node, live)  # the live round's key opens
+    node.crash()
+
+    node = nodes.open()
+    assert node.epochs.changes == 1  # after a crash the start ratchets
+    node.stop()
