@@ -269,7 +269,6 @@ class Node:
                 record = NodeSnapshot(
                     sequence=sequence,
                     cores={core.name: core.snapshot_state() for core in cores.all()},
-                    contexts={rid: list(deps) for rid, deps in self._registry.snapshot().items()},
                 ).to_bytes()
                 self._store.put_snapshot(sequence, record)
                 self._last_snapshot_size = len(record)

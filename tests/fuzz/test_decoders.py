@@ -73,7 +73,7 @@ class Samples:
             ),
             "format version record": (records.format_version_value(), records.parse_format_version),
             "snapshot record": (
-                NodeSnapshot(sequence=3, cores={}, contexts={}).to_bytes(),
+                NodeSnapshot(sequence=3, cores={}).to_bytes(),
                 NodeSnapshot.from_bytes,
             ),
             "wrapped key header": (wrapped, read_wrapped_header),

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from enclave_keys.errors import UnknownEpoch
@@ -400,4 +401,28 @@ def test_a_start_after_a_clean_stop_needs_no_ratchet_but_one_after_a_crash_does(
 
     node = nodes.open()
     assert node.epochs.changes == 1  # after a crash the start ratchets
+    node.stop()
+
+
+def test_a_version_1_snapshot_with_its_contexts_map_still_restores(
+    nodes: NodeFactory, data_dir: Path
+) -> None:
+    node = nodes.open()
+    live = rid("e3:v1-live")
+    publish(node, request(live))
+    settle(node)
+    node.stop()
+    with LmdbStore.open(data_dir) as store:
+        latest = store.latest_snapshot()
+        assert latest is not None
+        record = msgpack.unpackb(latest[1])
+        assert record["version"] == 2
+        assert "contexts" not in record  # no longer written
+        record.update(version=1, contexts={live.value: ["round_cipher"]})
+        store.put_snapshot(latest[0], msgpack.packb(record, use_bin_type=True))
+
+    node = nodes.open()
+    assert node.recovery.snapshot_sequence == latest[0]  # read, not replayed from scratch
+    assert node.recovery.hydrated == (live,)
+    require_cipher(node, live)
     node.stop()
