@@ -62,7 +62,7 @@ from enclave_keys.errors import (
     UnknownKekVersion,
     UnwrapFailed,
 )
-from enclave_keys.ids import EpochNumber, KekVersion, RoundId
+from enclave_keys.ids import EpochNumber, KekVersion
 from enclave_keys.master import KekDependent, KekRotation, MasterKeys
 from enclave_keys.store import Store, WriteBatch
 from enclave_keys.store.slots import (
@@ -133,13 +133,13 @@ class _Rewrap(KekDependent):
         self._keeper = keeper
         self._new = new
         self._kek_version = kek_version
-        self._blobs: list[tuple[RoundId, bytes]] = []
+        self._blobs: list[tuple[bytes, bytes]] = []
         self._skipped = 0
 
     def write(self, batch: WriteBatch) -> int:
         self._blobs, self._skipped = self._keeper._rewrapped(self._new)
         for round_id, blob in self._blobs:
-            batch.put_key(round_id, blob)
+            batch.put_key_record(round_id, blob)
         return len(self._blobs)
 
     def committed(self) -> None:
@@ -388,12 +388,12 @@ class EpochKeeper:
 
     def _roll_forward(self, old: EpochKey, new: EpochKey) -> int:
         """Rewrap what is still under ``old`` (an interrupted change) under ``new``."""
-        rewrapped = rewrap_round_keys(old, new, self._store.list_keys())
+        rewrapped = rewrap_round_keys(old, new, self._store.list_key_records())
         todo = [(round_id, blob) for round_id, blob in rewrapped if blob is not None]
         if todo:
             with self._store.write() as batch:
                 for round_id, blob in todo:
-                    batch.put_key(round_id, blob)
+                    batch.put_key_record(round_id, blob)
         _log.info("epoch_change_rolled_forward", old=old.number.number, new=new.number.number)
         return len(todo)
 
@@ -496,7 +496,7 @@ class EpochKeeper:
                     blobs, skipped = self._rewrapped(new)
                     with self._store.write() as batch:
                         for round_id, blob in blobs:
-                            batch.put_key(round_id, blob)
+                            batch.put_key_record(round_id, blob)
                 self._phase("keys_rewrapped")
             except BaseException as exc:
                 self._roll_back(new)
@@ -534,16 +534,17 @@ class EpochKeeper:
         self._phase("slot_written")
         return new
 
-    def _rewrapped(self, new: EpochKey) -> tuple[list[tuple[RoundId, bytes]], int]:
-        """Step 2's blobs: every stored key under the current epoch, rewrapped under
-        ``new``. Blobs that do not open (another epoch, tampered) are skipped: they are
-        already unreadable, and must not hold the ratchet back."""
-        blobs: list[tuple[RoundId, bytes]] = []
+    def _rewrapped(self, new: EpochKey) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Step 2's blobs, by round id bytes: every stored key under the current epoch,
+        rewrapped under ``new``. Blobs that do not open (another epoch, tampered) are
+        skipped: they are already unreadable, and must not hold the ratchet back."""
+        blobs: list[tuple[bytes, bytes]] = []
         skipped = 0
-        for round_id, blob in rewrap_round_keys(self._live(), new, self._store.list_keys()):
+        records = self._store.list_key_records()
+        for round_id, blob in rewrap_round_keys(self._live(), new, records):
             if blob is None:
                 skipped += 1
-                _log.warning("epoch_rewrap_skipped", round_id=round_id.value)
+                _log.warning("epoch_rewrap_skipped", round_id=round_id.decode("ascii", "replace"))
             else:
                 blobs.append((round_id, blob))
         return blobs, skipped

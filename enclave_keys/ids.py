@@ -12,11 +12,13 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar, Final, Self
 
 from enclave_keys.errors import InvalidIdentifier
 
-_ROUND_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+ROUND_ID_FORM: Final = r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}"
+"""What a round id's text must match in full (its bytes are that text, ASCII)."""
+_ROUND_ID_PATTERN = re.compile(ROUND_ID_FORM)
 
 
 @dataclass(frozen=True, slots=True)

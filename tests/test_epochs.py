@@ -268,9 +268,9 @@ class CollectorWatchingStore(MemoryStore):
         super().__init__(backing)
         self.collector_on: list[bool] = []
 
-    def list_keys(self) -> list[tuple[RoundId, bytes]]:
+    def list_key_records(self) -> list[tuple[bytes, bytes]]:
         self.collector_on.append(gc.isenabled())
-        return super().list_keys()
+        return super().list_key_records()
 
     def _commit(self, batch: PreparedBatch) -> None:
         self.collector_on.append(gc.isenabled())

@@ -91,11 +91,11 @@ class RecordingStore(MemoryStore):
         self.block_put: threading.Event | None = None
         self.in_put = threading.Event()
 
-    def list_keys(self) -> list[tuple[RoundId, bytes]]:
+    def list_key_records(self) -> list[tuple[bytes, bytes]]:
         if self.block_listing is not None:  # only a rotation lists keys in these tests
             self.in_listing.set()
             assert self.block_listing.wait(WAIT)
-        return super().list_keys()
+        return super().list_key_records()
 
     def _commit(self, batch: PreparedBatch) -> None:
         if self.block_put is not None and any(isinstance(op, PutKey) for op in batch.operations):

@@ -126,9 +126,13 @@ def _parse(parse: Callable[[bytes], _T], raw: bytes, what: str) -> _T:
 
 
 def _round_field(round_id: RoundId) -> bytes:
-    """The round id as the last AAD field of a wrapped round key (a round id is at most
-    128 bytes, so its length always fits the 2-byte prefix)."""
-    raw = round_id.to_bytes()
+    """The round id as the last AAD field of a wrapped round key."""
+    return _round_field_of(round_id.to_bytes())
+
+
+def _round_field_of(raw: bytes) -> bytes:
+    """A round id's bytes as that field (a round id is at most 128 bytes, so its length
+    always fits the 2-byte prefix)."""
     return len(raw).to_bytes(2, "big") + raw
 
 
@@ -175,21 +179,23 @@ def unwrap_round_key(
 
 
 def rewrap_round_keys(
-    old: EpochKey, new: EpochKey, blobs: Iterable[tuple[RoundId, bytes]]
-) -> list[tuple[RoundId, bytes | None]]:
-    """Each ``(round id, blob)`` under ``old`` rewrapped under ``new`` — ``None`` for a
-    blob that does not open under ``old`` (another epoch, tampered, malformed).
+    old: EpochKey, new: EpochKey, blobs: Iterable[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes | None]]:
+    """Each ``(round id bytes, blob)`` under ``old`` rewrapped under ``new`` — ``None``
+    for a blob that does not open under ``old`` (another epoch, tampered, malformed).
 
     The epoch ratchet's inner loop: every key passes through ONE locked scratch buffer
     (wiped at the end), with no cipher object built per key, so a ratchet over 100,000
-    live keys costs little more than the AES-GCM work itself.
+    live keys costs little more than the AES-GCM work itself. Round ids come as the
+    bytes a store record holds (``Store.list_key_records``), which is what the wrap's
+    associated data binds: no ``RoundId`` is built per key either.
     """
     old_aead, new_aead = old._live_aead(), new._live_aead()
     old_prefix = bytes([WRAPPED_KEY_VERSION]) + old.number.to_bytes()
     new_prefix = bytes([WRAPPED_KEY_VERSION]) + new.number.to_bytes()
     items = list(blobs)
     nonces = random_bytes(NONCE_SIZE * len(items), new._entropy) if items else b""
-    out: list[tuple[RoundId, bytes | None]] = []
+    out: list[tuple[bytes, bytes | None]] = []
 
     def run(key: memoryview) -> None:
         decrypt_into, encrypt, append = old_aead.decrypt_into, new_aead.encrypt, out.append
@@ -200,7 +206,7 @@ def rewrap_round_keys(
             if blob[:9] != old_prefix:
                 append((round_id, None))
                 continue
-            round_field = _round_field(round_id)
+            round_field = _round_field_of(round_id)
             try:
                 decrypt_into(
                     blob[_KEY_HEADER:_KEY_BODY],

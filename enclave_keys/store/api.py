@@ -169,6 +169,12 @@ class WriteBatch:
         key = records.check_round_id(round_id).to_bytes()
         self._operations.append(PutKey(key, records.check_blob(blob)))
 
+    def put_key_record(self, key: bytes, blob: bytes) -> None:
+        """:meth:`put_key` under the round id's bytes, as :meth:`Store.list_key_records`
+        gives them (checked as a round id's form, without building one)."""
+        self._check_open()
+        self._operations.append(PutKey(records.check_round_id_bytes(key), records.check_blob(blob)))
+
     def delete_key(self, round_id: RoundId) -> None:
         """Delete a round's wrapped key; deleting a missing key is not an error."""
         self._check_open()
@@ -308,6 +314,12 @@ class Store(Protocol):
     def get_key(self, round_id: RoundId) -> bytes | None: ...
     def list_keys(self) -> list[tuple[RoundId, bytes]]:
         """Every stored (round id, wrapped key), ordered by round id bytes."""
+        ...
+
+    def list_key_records(self) -> list[tuple[bytes, bytes]]:
+        """Every stored (round id bytes, wrapped key) as stored, unparsed: for a pass over
+        every key that only hands them back (the epoch ratchet). Ordered like
+        :meth:`list_keys`; use that one to read keys."""
         ...
 
     def key_count(self) -> int: ...

@@ -193,6 +193,10 @@ class StoreBase(SingleWrites):
         self._check_open()
         return [records.parse_round_key_record(k, v) for k, v in self._key_records()]
 
+    def list_key_records(self) -> list[tuple[bytes, bytes]]:
+        self._check_open()
+        return self._key_records()
+
     def key_count(self) -> int:
         self._check_open()
         return self._key_count()

@@ -13,11 +13,12 @@ blob, snapshot or meta value, a non-event in an append, a bad limit) raises
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Final
 
 from enclave_keys.errors import CorruptRecord, InvalidIdentifier, StoreError
-from enclave_keys.ids import RoundId
+from enclave_keys.ids import ROUND_ID_FORM, RoundId
 
 # --- names ----------------------------------------------------------------------------
 
@@ -81,6 +82,16 @@ def parse_sequence_key(raw: bytes, *, db: str) -> int:
 def check_round_id(value: object) -> RoundId:
     if not isinstance(value, RoundId):
         raise InvalidIdentifier(f"round id must be a RoundId, got {type(value).__name__}")
+    return value
+
+
+_ROUND_ID_BYTES: Final = re.compile(ROUND_ID_FORM.encode("ascii"))
+
+
+def check_round_id_bytes(value: object) -> bytes:
+    """A round id's canonical bytes (``RoundId.to_bytes()``), checked without a RoundId."""
+    if type(value) is not bytes or _ROUND_ID_BYTES.fullmatch(value) is None:
+        raise InvalidIdentifier("round id bytes are not a round id's form")
     return value
 
 

@@ -144,6 +144,9 @@ class FaultyStore(SingleWrites):
     def list_keys(self) -> list[tuple[RoundId, bytes]]:
         return self.inner.list_keys()
 
+    def list_key_records(self) -> list[tuple[bytes, bytes]]:
+        return self.inner.list_key_records()
+
     def key_count(self) -> int:
         return self.inner.key_count()
 

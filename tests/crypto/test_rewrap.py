@@ -30,8 +30,8 @@ def test_every_key_comes_out_the_same_key_under_the_new_epoch(
     old, new = epochs
     ciphers = {rid: RoundCipher.generate(rid) for rid in ROUNDS}
     blobs = [(rid, wrap_round_key(old, c)) for rid, c in ciphers.items()]
-    out = rewrap_round_keys(old, new, blobs)
-    assert [rid for rid, _ in out] == ROUNDS
+    out = rewrap_round_keys(old, new, [(rid.to_bytes(), blob) for rid, blob in blobs])
+    assert [raw for raw, _ in out] == [rid.to_bytes() for rid in ROUNDS]
     for (rid, before), (_, after) in zip(blobs, out, strict=True):
         assert after is not None
         assert read_wrapped_header(after) == (NEW, ciphers[rid].key_id)
@@ -59,7 +59,7 @@ def test_blobs_that_do_not_open_give_none_and_the_rest_go_on(
         (ROUNDS[4], b"\x01" + good[1:]),
         (ROUNDS[0], good),
     ]
-    out = rewrap_round_keys(old, new, items)
+    out = rewrap_round_keys(old, new, [(rid.to_bytes(), blob) for rid, blob in items])
     assert [blob is not None for _, blob in out] == [True, False, False, False, False, False, True]
 
 

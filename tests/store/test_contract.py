@@ -319,6 +319,17 @@ def test_round_keys(store: Store) -> None:
     assert store.key_count() == 2
 
 
+def test_round_key_records_are_the_keys_as_stored(store: Store) -> None:
+    store.put_key(R2, b"two")
+    store.put_key(R1, b"one")
+    records = store.list_key_records()
+    assert records == [(rid.to_bytes(), blob) for rid, blob in store.list_keys()]
+    with store.write() as batch:  # what a bulk pass writes back
+        for raw, blob in records:
+            batch.put_key_record(raw, blob + b"!")
+    assert store.list_keys() == [(R1, b"one!"), (R2, b"two!")]
+
+
 def test_snapshots_keep_the_newest_three_by_default(store: Store) -> None:
     store.append_events(make_events(1, 10))
     for sequence in (2, 4, 6, 8):
@@ -394,6 +405,7 @@ CALLS: dict[str, Callable[[Store], object]] = {
     "read_events": lambda s: s.read_events(),
     "get_key": lambda s: s.get_key(R1),
     "list_keys": lambda s: s.list_keys(),
+    "list_key_records": lambda s: s.list_key_records(),
     "key_count": lambda s: s.key_count(),
     "latest_snapshot": lambda s: s.latest_snapshot(),
     "snapshot_sequences": lambda s: s.snapshot_sequences(),
@@ -448,6 +460,13 @@ INVALID: list[Any] = [
     ("put_key", (R1, b"x" * 4097), StoreError),
     ("put_key", (R1, bytearray(b"k")), StoreError),
     ("put_key", (R1, "k"), StoreError),
+    ("put_key_record", (R1, b"k"), InvalidIdentifier),
+    ("put_key_record", ("r1", b"k"), InvalidIdentifier),
+    ("put_key_record", (b"", b"k"), InvalidIdentifier),
+    ("put_key_record", (b"-r1", b"k"), InvalidIdentifier),
+    ("put_key_record", (b"r" * 129, b"k"), InvalidIdentifier),
+    ("put_key_record", (b"r1\n", b"k"), InvalidIdentifier),
+    ("put_key_record", (b"r1", b""), StoreError),
     ("delete_key", (None,), InvalidIdentifier),
     ("put_snapshot", (-1, b"s"), InvalidIdentifier),
     ("put_snapshot", (2**64, b"s"), InvalidIdentifier),
