@@ -11,6 +11,7 @@ from enclave_keys.clock import ManualClock
 from enclave_keys.context import ContextRegistry
 from enclave_keys.crypto import Kek, Keyring
 from enclave_keys.epochs import EpochKeeper
+from enclave_keys.round_cipher import RoundCipherCore
 from enclave_keys.store import Store
 from tests.actors.helpers import (
     T0,
@@ -63,3 +64,11 @@ def keeper(store: Store, ring: Keyring, clock: ManualClock) -> Iterator[EpochKee
 @pytest.fixture
 def registry() -> ContextRegistry:
     return ContextRegistry()
+
+
+@pytest.fixture
+def core(store: Store, keeper: EpochKeeper, registry: ContextRegistry) -> Iterator[RoundCipherCore]:
+    """A round-cipher core over ``store``, writing each key at once (no runtime)."""
+    made = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
+    yield made
+    made.wipe_all()

@@ -60,13 +60,6 @@ R = RoundId("e3:1")
 WAIT = 10.0  # bound on every wait for another thread
 
 
-@pytest.fixture
-def core(store: Store, keeper: EpochKeeper, registry: ContextRegistry) -> Iterator[RoundCipherCore]:
-    made = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
-    yield made
-    made.wipe_all()
-
-
 def requested(round_id: RoundId = R) -> RoundRequested:
     return RoundRequested(round_id=round_id, deadline=T0 + 600, threshold=1, committee_size=1)
 

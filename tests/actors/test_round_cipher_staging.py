@@ -8,7 +8,6 @@ between staging and commit) and through the deterministic runtime with a failing
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -42,11 +41,10 @@ WAIT = 10.0  # bound on every wait for another thread
 
 
 @pytest.fixture
-def core(store: Store, keeper: EpochKeeper, registry: ContextRegistry) -> Iterator[RoundCipherCore]:
-    made = RoundCipherCore(store, keeper, registry, lease_timeout=WAIT)
-    made.stage_writes()
-    yield made
-    made.wipe_all()
+def core(core: RoundCipherCore) -> RoundCipherCore:
+    """The conftest's core, staging its writes as it does under a runtime."""
+    core.stage_writes()
+    return core
 
 
 def commit(store: Store, writes: tuple[StagedWrite, ...]) -> None:
