@@ -123,6 +123,12 @@ class LifecycleError(EnclaveKeysError):
     """Base for failures of the round lifecycle (contexts, leases, actors)."""
 
 
+class ActorsStopped(LifecycleError):
+    """A runtime's actor was stopped by someone else (``pykka.ActorRegistry.stop_all()``,
+    say): the runtime takes no more work. Stop the node and open it again; it recovers
+    as after a crash."""
+
+
 class MissingDependency(LifecycleError):
     """A round context lacks a dependency an actor needs (e.g. no round cipher).
 

@@ -43,7 +43,7 @@ from enclave_keys.context import ContextRegistry
 from enclave_keys.core_state import KnownRoundIds
 from enclave_keys.crypto.hardening import harden_process
 from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper, EpochRecovery
-from enclave_keys.errors import CorruptRecord, LifecycleError, Sealed
+from enclave_keys.errors import ActorsStopped, CorruptRecord, LifecycleError, Sealed
 from enclave_keys.events import (
     Event,
     FailureReason,
@@ -549,14 +549,27 @@ class Node:
                 return
             clean = False
             try:
-                if self._runtime is not None and self._cores is not None:
-                    self.snapshot()
+                settled = self._settle_for_stop()
                 if self._epochs is not None:
                     self._epochs.ratchet_pending()
-                clean = True
+                clean = settled
             finally:
                 self._abandon(clean=clean)
             _log.info("node_stopped")
+
+    def _settle_for_stop(self) -> bool:
+        """Snapshot a settled node; False (no snapshot) if its actors were stopped from
+        outside. Then the cores may have missed events already in the log, so a snapshot
+        could skip them: the next start replays from the last one, as after a crash."""
+        if self._runtime is None or self._cores is None:
+            return True
+        try:
+            self.snapshot()
+        except ActorsStopped:
+            _log.error("node_stopping_without_snapshot", why="actors_stopped_from_outside")
+            self._runtime.stop()  # stop what is left and join it: no lease is held after
+            return False
+        return True
 
     def crash(self) -> None:
         """Drop everything in memory without a clean stop (no settle, no snapshot).

@@ -27,6 +27,17 @@ inboxes, and joins their threads. Handler output produced after the gate closed 
 abandoned (logged ``publish_abandoned``). For a graceful shutdown call ``wait_idle()``
 first. Only this runtime's actors are stopped.
 
+**Stopped from outside.** Pykka lets anyone stop any actor (``ActorRegistry.stop_all()``
+is the usual shutdown of a Pykka program; a ``BaseException`` in an actor does the same).
+An actor that stops while its runtime is still running tells the runtime, which closes
+the gate and from then on refuses ``publish``, ``tick`` and ``wait_idle`` with
+:class:`~enclave_keys.errors.ActorsStopped` (at once, not after a timeout). Each stopping
+actor then drains its own inbox: publishes nobody will commit are refused (an external
+publisher gets ``ActorsStopped``; a handler's staged writes are settled as not committed,
+so the leases they hold are released), deliveries and ticks are dropped, and nothing
+stays counted in flight. What was committed is in the log; the node recovers the rest on
+its next start, as after a crash.
+
 Handlers return events rather than calling the runtime: a ``publish`` from inside a
 handler carries no cause, and ``wait_idle`` or ``stop`` called on a handler's own thread
 would wait for that very handler and end in a timeout.
@@ -47,7 +58,7 @@ import structlog
 
 from enclave_keys.bus import EventBus, Outcome, PublishRequest, Subscriber, qualified_type_name
 from enclave_keys.clock import Clock
-from enclave_keys.errors import LifecycleError
+from enclave_keys.errors import ActorsStopped, LifecycleError
 from enclave_keys.events import Event, StoredEvent
 from enclave_keys.handler import Handler
 from enclave_keys.runtime import shell
@@ -183,14 +194,44 @@ class _Threads:
 
 
 class _RuntimeActor(pykka.ThreadingActor):
-    """Base of this runtime's actors: records its thread when it starts."""
+    """Base of this runtime's actors: records its thread when it starts; when it stops,
+    tells the runtime (``stopped``, its name) and disposes of what is left in its inbox."""
 
-    def __init__(self, threads: _Threads) -> None:
+    def __init__(self, threads: _Threads, stopped: Callable[[str], None]) -> None:
         super().__init__()
         self._threads = threads
+        self._stopped = stopped
 
     def on_start(self) -> None:
         self._threads.add_current()
+
+    def on_stop(self) -> None:
+        self._stopped(self.actor_name)
+        self._drain()
+
+    @property
+    def actor_name(self) -> str:
+        raise NotImplementedError
+
+    def _drain(self) -> None:
+        """Dispose of this runtime's messages still in the inbox (Pykka drops them).
+
+        By now the gate is closed (the runtime closes it before stopping its actors, and
+        ``stopped`` closes it when the stop came from outside), so nothing more arrives.
+        Pykka's own messages are put back for its teardown, which answers them.
+        """
+        inbox = self.actor_inbox
+        others = []
+        while not inbox.empty():
+            envelope = inbox.get()
+            if not self._dispose(envelope.message):
+                others.append(envelope)
+        for envelope in others:
+            inbox.put(envelope)
+
+    def _dispose(self, message: object) -> bool:
+        """Drop one undelivered message of ours (False if it is not ours)."""
+        raise NotImplementedError
 
 
 # --- actors -------------------------------------------------------------------------------
@@ -207,8 +248,9 @@ class _BusActor(_RuntimeActor):
         in_flight: _InFlight,
         failures: FailureLog,
         threads: _Threads,
+        stopped: Callable[[str], None],
     ) -> None:
-        super().__init__(threads)
+        super().__init__(threads, stopped)
         self._bus = bus
         self._shells = shells
         self._gate = gate
@@ -230,9 +272,30 @@ class _BusActor(_RuntimeActor):
         except Exception as exc:  # never let the bus die; the counter shows the damage
             _log.error("bus_error", error_type=qualified_type_name(exc))
 
+    @property
+    def actor_name(self) -> str:
+        return "bus"
+
     def on_stop(self) -> None:
-        """Commit every publish accepted before the stop (deliveries are off by now)."""
+        """Commit every publish accepted before the stop (deliveries are off by now), and
+        refuse those that came after it."""
+        self._stopped(self.actor_name)
         self._flush()
+        self._drain()
+
+    def _dispose(self, message: object) -> bool:
+        if isinstance(message, _Flush):
+            return True
+        if not isinstance(message, _Publish):
+            return False
+        try:
+            if message.reply is None:
+                shell.abandon(message.request)
+            else:
+                message.reply.set_exception(ActorsStopped("the runtime's bus actor stopped"))
+        finally:
+            self._in_flight.done()
+        return True
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -272,8 +335,9 @@ class _HandlerActor(_RuntimeActor):
         gate: _Gate,
         in_flight: _InFlight,
         threads: _Threads,
+        stopped: Callable[[str], None],
     ) -> None:
-        super().__init__(threads)
+        super().__init__(threads, stopped)
         self._subscriber = subscriber
         self._forward = forward
         self._gate = gate
@@ -292,6 +356,16 @@ class _HandlerActor(_RuntimeActor):
                 self._publish(shell.tick(self._subscriber, message.now))
         finally:
             self._in_flight.done()
+
+    @property
+    def actor_name(self) -> str:
+        return self._subscriber.name
+
+    def _dispose(self, message: object) -> bool:
+        if not isinstance(message, (_Deliver, _Tick)):
+            return False
+        self._in_flight.done()
+        return True
 
     def _publish(self, request: PublishRequest | None) -> None:
         """Send what the core returned to the bus at once (a core blocked on a later event
@@ -314,6 +388,7 @@ class _HandlerActor(_RuntimeActor):
 class _State(Enum):
     NEW = "new"
     RUNNING = "running"
+    BROKEN = "broken"  # an actor was stopped from outside; only stop() is left
     STOPPED = "stopped"
 
 
@@ -345,6 +420,7 @@ class PykkaRuntime:
         self._bus_ref: pykka.ActorRef[_BusActor] | None = None
         self._shells: dict[str, pykka.ActorRef[_HandlerActor]] = {}
         self._threads = _Threads()
+        self._stopped_actor = ""  # the first actor stopped from outside
 
     @property
     def store(self) -> Store:
@@ -377,7 +453,12 @@ class PykkaRuntime:
             try:
                 for subscriber in self._bus.subscribers:
                     self._shells[subscriber.name] = _HandlerActor.start(
-                        subscriber, self._forward, self._gate, self._in_flight, self._threads
+                        subscriber,
+                        self._forward,
+                        self._gate,
+                        self._in_flight,
+                        self._threads,
+                        self._actor_stopped,
                     )
                 self._bus_ref = _BusActor.start(
                     self._bus,
@@ -386,6 +467,7 @@ class PykkaRuntime:
                     self._in_flight,
                     self._failures,
                     self._threads,
+                    self._actor_stopped,
                 )
             except BaseException:
                 self._stop_actors()
@@ -402,7 +484,7 @@ class PykkaRuntime:
         with self._state_lock:
             if self._state is _State.STOPPED:
                 return
-            was_running = self._state is _State.RUNNING
+            was_running = self._state in (_State.RUNNING, _State.BROKEN)
             self._state = _State.STOPPED
         self._gate.close()
         if not was_running:
@@ -439,6 +521,7 @@ class PykkaRuntime:
             return []
         reply: Future[list[StoredEvent]] = Future()
         if not self._send_to_bus(_Publish(request, reply)):
+            self._check_running()
             raise LifecycleError("the runtime is stopped")
         wait = self._timeout if timeout is None else timeout
         try:
@@ -462,7 +545,7 @@ class PykkaRuntime:
         """Wait until nothing is in flight; then report failed handler publishes."""
         self._check_running()
         idle_or_stopped = self._in_flight.wait_until(
-            lambda n: n <= 0 or self._state is _State.STOPPED, timeout
+            lambda n: n <= 0 or self._state in (_State.BROKEN, _State.STOPPED), timeout
         )
         if not idle_or_stopped:
             raise LifecycleError(
@@ -472,12 +555,31 @@ class PykkaRuntime:
         self._check_running()  # stopped while waiting: the zero means nothing
         self._failures.raise_unreported()
 
+    def _actor_stopped(self, name: str) -> None:
+        """Called by each actor as it stops (on its thread). While the runtime is running,
+        that is a stop from outside: the runtime is broken from then on (see the module
+        docstring). The gate closes before the actor drains its inbox."""
+        with self._state_lock:
+            outside = self._state is _State.RUNNING
+            if outside:
+                self._state = _State.BROKEN
+                self._stopped_actor = name
+        if outside:
+            _log.error("runtime_actor_stopped_from_outside", actor=name)
+            self._gate.close()
+            self._in_flight.notify()
+
     # --- internals ----------------------------------------------------------------------
 
     def _check_running(self) -> None:
         state = self._state
         if state is _State.NEW:
             raise LifecycleError("the runtime is not started")
+        if state is _State.BROKEN:
+            raise ActorsStopped(
+                f"the runtime's actor {self._stopped_actor!r} was stopped from outside;"
+                " stop the node and open it again"
+            )
         if state is _State.STOPPED:
             raise LifecycleError("the runtime is stopped")
 

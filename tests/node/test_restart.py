@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
+import pykka
 import pytest
 
-from enclave_keys.errors import UnknownEpoch
+from enclave_keys.errors import ActorsStopped, UnknownEpoch
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareRequested,
@@ -402,6 +403,37 @@ def test_a_start_after_a_clean_stop_needs_no_ratchet_but_one_after_a_crash_does(
     node = nodes.open()
     assert node.epochs.changes == 1  # after a crash the start ratchets
     node.stop()
+
+
+@pytest.mark.parametrize("runtime", ["pykka"])
+def test_a_node_whose_actors_are_stopped_from_outside_stops_then_recovers(
+    nodes: NodeFactory,
+) -> None:
+    """``ActorRegistry.stop_all()`` (a Pykka program's usual shutdown) while purges are
+    under way: the node refuses work at once (no wait for a timeout), ``stop`` neither
+    waits nor raises, and the next start recovers it as after a crash. (That a write
+    queued behind the stop releases its lease is tested on the runtime itself.)"""
+    node = nodes.open()
+    rounds = [rid(f"outside:{n}") for n in range(300)]
+    publish(node, *(request(r) for r in rounds))
+    ended, live = rounds[:150], rounds[150:]
+    node.publish(*(RoundComplete(round_id=r) for r in ended))  # durable; purges under way
+
+    pykka.ActorRegistry.stop_all()
+
+    with pytest.raises(ActorsStopped):
+        node.wait_idle()
+    with pytest.raises(ActorsStopped):
+        node.publish(request(rid("outside:late")))
+    node.stop()
+
+    node = nodes.open()
+    assert node.epochs.changes == 1  # no clean record: the start ratchets
+    assert sorted(node.router.open_rounds()) == sorted(live)
+    assert node.store.key_count() == len(live)
+    for r in live:
+        require_cipher(node, r)
+    assert all(node.store.get_key(r) is None for r in ended)
 
 
 def test_a_version_1_snapshot_with_its_contexts_map_still_restores(

@@ -17,7 +17,7 @@ from enclave_keys.events import (
 )
 from enclave_keys.ids import RoundId
 from enclave_keys.store import MemoryStore
-from enclave_keys.store.api import PreparedBatch
+from enclave_keys.store.api import PreparedBatch, WriteBatch
 
 WAIT = 5.0
 """Upper bound of every wait in these tests (they finish far sooner)."""
@@ -161,15 +161,16 @@ class FlakyStore(MemoryStore):
 
     ``fail_commits`` holds 1-based numbers of commit *attempts* that raise
     :class:`StoreError` (writing nothing). With ``hold_first`` set, the first attempt
-    sets ``held`` and waits for ``release``.
+    (or attempt number ``hold_at``) sets ``held`` and waits for ``release``.
     """
 
-    def __init__(self, *, hold_first: bool = False) -> None:
+    def __init__(self, *, hold_first: bool = False, hold_at: int = 1) -> None:
         super().__init__()
         self.attempts = 0
         self.commits = 0
         self.fail_commits: set[int] = set()
         self.hold_first = hold_first
+        self.hold_at = hold_at
         self.held = threading.Event()
         self.release = threading.Event()
 
@@ -179,10 +180,54 @@ class FlakyStore(MemoryStore):
 
     def _commit(self, batch: PreparedBatch) -> None:
         self.attempts += 1
-        if self.hold_first and self.attempts == 1:
+        if self.hold_first and self.attempts == self.hold_at:
             self.held.set()
             assert self.release.wait(WAIT), "the test never released the held commit"
         if self.attempts in self.fail_commits:
             raise StoreError("injected store failure")
         super()._commit(batch)
         self.commits += 1
+
+
+class SettledWrite:
+    """A staged write that writes nothing and records how it was settled."""
+
+    def __init__(self) -> None:
+        self.settled: list[bool] = []
+
+    def apply(self, batch: WriteBatch) -> None:
+        pass
+
+    def settle(self, committed: bool) -> None:
+        self.settled.append(committed)
+
+
+class Stager(Recorder):
+    """A staging handler: for each ``RoundRequested``, a stage change and one staged write.
+
+    It blocks on its first event (setting ``entered``) until ``release`` is set."""
+
+    def __init__(self, name: str = "stager") -> None:
+        super().__init__(name, (RoundRequested,))
+        self.writes: list[SettledWrite] = []
+        self._queued: list[SettledWrite] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def stage_writes(self) -> None:
+        pass
+
+    def take_writes(self) -> tuple[SettledWrite, ...]:
+        queued, self._queued = tuple(self._queued), []
+        return queued
+
+    def handle(self, stored: StoredEvent) -> Sequence[Event]:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(WAIT), "the test never released the stager"
+        super().handle(stored)
+        write = SettledWrite()
+        self.writes.append(write)
+        self._queued.append(write)
+        assert stored.round_id is not None
+        return [stage(stored.round_id.value, RoundStage.COMMITTEE_FORMATION)]

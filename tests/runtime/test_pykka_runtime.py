@@ -5,16 +5,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import pykka
 import pytest
 
 from enclave_keys.clock import ManualClock
-from enclave_keys.errors import LifecycleError
+from enclave_keys.errors import ActorsStopped, LifecycleError
 from enclave_keys.events import Event, RoundRequested, StoredEvent
 from enclave_keys.runtime import PykkaRuntime
+from enclave_keys.runtime.pykka_runtime import _Publish
 from enclave_keys.store import LmdbStore, Store
-from tests.runtime.helpers import WAIT, Answerer, FlakyStore, Recorder, requested
+from tests.runtime.helpers import WAIT, Answerer, FlakyStore, Recorder, Stager, requested
 
 START = 1_700_000_000.0
 
@@ -225,3 +227,119 @@ def test_stop_commits_publishes_it_had_accepted(runtimes: Callable[..., PykkaRun
 def test_a_bad_delivery_timeout_is_refused() -> None:
     with pytest.raises(LifecycleError):
         PykkaRuntime(FlakyStore(), ManualClock(START), delivery_timeout=0)
+
+
+# --- stopped from outside -----------------------------------------------------------------
+
+
+class CountedSends:
+    """Wraps a runtime's sends to its bus actor, so a test can wait for the Nth."""
+
+    def __init__(self, runtime: PykkaRuntime) -> None:
+        self._send = runtime._send_to_bus
+        self._sent = threading.Condition()
+        self.count = 0
+        runtime._send_to_bus = self  # type: ignore[method-assign]
+
+    def __call__(self, message: _Publish) -> bool:
+        sent = self._send(message)
+        with self._sent:
+            self.count += sent
+            self._sent.notify_all()
+        return sent
+
+    def wait_for(self, count: int) -> bool:
+        with self._sent:
+            return self._sent.wait_for(lambda: self.count >= count, WAIT)
+
+
+def test_actors_stopped_from_outside_refuse_work_at_once_and_leak_nothing() -> None:
+    """The bus actor stopped from outside (as ``ActorRegistry.stop_all()`` does first)
+    while a commit runs: what was accepted before the stop is committed; what queued
+    behind it is refused -- an external publisher is told, a handler's staged write is
+    settled as not committed (releasing what it holds) -- nothing stays in flight, and
+    the runtime says so at once instead of timing out."""
+    store = FlakyStore(hold_first=True, hold_at=2)
+    stager = Stager()
+    runtime = PykkaRuntime(store, ManualClock(START), delivery_timeout=WAIT)
+    runtime.subscribe(stager)
+    sends = CountedSends(runtime)
+    runtime.start()
+    try:
+        outcomes: dict[int, object] = {}
+
+        def publish(n: int) -> None:
+            try:
+                outcomes[n] = runtime.publish([requested(f"e3:{n}")], source="test")
+            except LifecycleError as exc:
+                outcomes[n] = exc
+
+        publish(0)  # sequence 1, delivered: the stager blocks inside it
+        assert stager.entered.wait(WAIT)
+        first = threading.Thread(target=publish, args=(1,))
+        first.start()
+        assert store.held.wait(WAIT)  # the bus is inside its second commit
+        stopping = runtime.actor_refs[0].stop(block=False)  # behind that publish
+        stager.release.set()  # its output (a staged write) lands behind the stop
+        assert sends.wait_for(3)
+        second = threading.Thread(target=publish, args=(2,))
+        second.start()  # so does this one
+        assert sends.wait_for(4)
+        store.release.set()
+        for thread in (first, second):
+            thread.join(WAIT)
+        assert stopping.get(timeout=WAIT) is True
+
+        assert [s.sequence for s in cast(list[StoredEvent], outcomes[1])] == [2]
+        assert isinstance(outcomes[2], ActorsStopped)
+        assert store.last_sequence() == 2  # the stager's output was never committed
+        assert runtime._in_flight.wait_until(lambda n: n == 0, WAIT)
+        # every write the stager made (one for event 1; one for event 2 if it was
+        # delivered before the stop closed the gate) was settled once, as not committed
+        assert stager.sequences[0] == 1
+        assert [write.settled for write in stager.writes] == [[False]] * len(stager.sequences)
+        with pytest.raises(ActorsStopped, match="'bus' was stopped from outside"):
+            runtime.wait_idle(WAIT)
+        with pytest.raises(ActorsStopped):
+            runtime.publish([requested("e3:3")], source="test")
+        with pytest.raises(ActorsStopped):
+            runtime.tick()
+    finally:
+        store.release.set()
+        stager.release.set()
+        runtime.stop()  # stops and joins what is left, without error
+    assert runtime._threads.join(0) == 0
+
+
+def test_one_handler_actor_stopped_from_outside_breaks_the_runtime(
+    runtimes: Callable[..., PykkaRuntime],
+) -> None:
+    recorder = Recorder()
+    runtime = runtimes(FlakyStore(), recorder, Recorder("other"))
+    runtime.publish([requested()], source="test")
+    runtime.wait_idle(WAIT)
+    handler_ref = runtime.actor_refs[1]
+
+    handler_ref.stop(block=True, timeout=WAIT)
+
+    with pytest.raises(ActorsStopped, match="'recorder'"):
+        runtime.wait_idle(WAIT)
+    with pytest.raises(ActorsStopped):
+        runtime.publish([requested("e3:2")], source="test")
+    assert recorder.sequences == [1]
+    runtime.stop()
+    assert not any(ref.is_alive() for ref in runtime.actor_refs)
+
+
+def test_the_runtimes_own_stop_is_not_a_stop_from_outside(
+    runtimes: Callable[..., PykkaRuntime],
+) -> None:
+    runtime = runtimes(FlakyStore(), Recorder())
+    runtime.publish([requested()], source="test")
+    runtime.wait_idle(WAIT)
+
+    runtime.stop()
+
+    with pytest.raises(LifecycleError, match="the runtime is stopped") as raised:
+        runtime.wait_idle(WAIT)
+    assert not isinstance(raised.value, ActorsStopped)
