@@ -195,10 +195,11 @@ class _Threads:
 
 class _RuntimeActor(pykka.ThreadingActor):
     """Base of this runtime's actors: records its thread when it starts; when it stops,
-    tells the runtime (``stopped``, its name) and disposes of what is left in its inbox."""
+    tells the runtime (``stopped(name)``) and disposes of what is left in its inbox."""
 
-    def __init__(self, threads: _Threads, stopped: Callable[[str], None]) -> None:
+    def __init__(self, name: str, threads: _Threads, stopped: Callable[[str], None]) -> None:
         super().__init__()
+        self._name = name
         self._threads = threads
         self._stopped = stopped
 
@@ -206,12 +207,8 @@ class _RuntimeActor(pykka.ThreadingActor):
         self._threads.add_current()
 
     def on_stop(self) -> None:
-        self._stopped(self.actor_name)
+        self._stopped(self._name)
         self._drain()
-
-    @property
-    def actor_name(self) -> str:
-        raise NotImplementedError
 
     def _drain(self) -> None:
         """Dispose of this runtime's messages still in the inbox (Pykka drops them).
@@ -231,7 +228,7 @@ class _RuntimeActor(pykka.ThreadingActor):
 
     def _dispose(self, message: object) -> bool:
         """Drop one undelivered message of ours (False if it is not ours)."""
-        raise NotImplementedError
+        return False
 
 
 # --- actors -------------------------------------------------------------------------------
@@ -250,7 +247,7 @@ class _BusActor(_RuntimeActor):
         threads: _Threads,
         stopped: Callable[[str], None],
     ) -> None:
-        super().__init__(threads, stopped)
+        super().__init__("bus", threads, stopped)
         self._bus = bus
         self._shells = shells
         self._gate = gate
@@ -272,14 +269,10 @@ class _BusActor(_RuntimeActor):
         except Exception as exc:  # never let the bus die; the counter shows the damage
             _log.error("bus_error", error_type=qualified_type_name(exc))
 
-    @property
-    def actor_name(self) -> str:
-        return "bus"
-
     def on_stop(self) -> None:
         """Commit every publish accepted before the stop (deliveries are off by now), and
         refuse those that came after it."""
-        self._stopped(self.actor_name)
+        self._stopped(self._name)
         self._flush()
         self._drain()
 
@@ -337,7 +330,7 @@ class _HandlerActor(_RuntimeActor):
         threads: _Threads,
         stopped: Callable[[str], None],
     ) -> None:
-        super().__init__(threads, stopped)
+        super().__init__(subscriber.name, threads, stopped)
         self._subscriber = subscriber
         self._forward = forward
         self._gate = gate
@@ -356,10 +349,6 @@ class _HandlerActor(_RuntimeActor):
                 self._publish(shell.tick(self._subscriber, message.now))
         finally:
             self._in_flight.done()
-
-    @property
-    def actor_name(self) -> str:
-        return self._subscriber.name
 
     def _dispose(self, message: object) -> bool:
         if not isinstance(message, (_Deliver, _Tick)):
