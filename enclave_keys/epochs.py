@@ -30,6 +30,7 @@ rewrapped round keys.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -162,10 +163,15 @@ class EpochKeeper:
 
     Build with :meth:`open` once the keyring is unsealed. ``window`` bounds the time from
     a purge to the destruction of the epoch key that wrapped the purged key: a ratchet
-    is due ``window / 2`` after the first purge not yet covered (:meth:`ratchet_if_due`,
-    called on every node tick; :meth:`start_timer` runs it on real time for a threaded
-    node). ``entropy`` (FOR SIMULATIONS ONLY) makes epoch keys and nonces deterministic.
-    Thread-safe.
+    is due ``window / 2`` after the first purge not yet covered on ``clock``
+    (:meth:`ratchet_if_due`, called on every node tick). :meth:`start_timer` ratchets on
+    real time (``monotonic``) for a threaded node, and starts each ratchet
+    :attr:`timer_lead` seconds before the window closes: half the window, or twice the
+    last ratchet's duration if that is longer, since a ratchet's cost grows with the live
+    keys it rewraps. A ratchet that destroys the old epoch later than ``window`` after the
+    first purge it covers is counted (:attr:`window_misses`) and logged
+    (``epoch_window_missed``). ``entropy`` (FOR SIMULATIONS ONLY) makes epoch keys and
+    nonces deterministic. Thread-safe.
     """
 
     def __init__(
@@ -178,6 +184,7 @@ class EpochKeeper:
         lease_timeout: float = DEFAULT_LEASE_WAIT,
         entropy: Entropy | None = None,
         phase_hook: RatchetPhase | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """Private: use :meth:`open`."""
         self._store = store
@@ -188,6 +195,7 @@ class EpochKeeper:
         self._lease_timeout = check_timeout(lease_timeout, "lease_timeout")
         self._entropy = entropy
         self._phase_hook = phase_hook
+        self._monotonic = monotonic
         self._gate = LeaseGate("storage epoch")
         self._lock = threading.Lock()  # guards the fields below
         self._current: EpochKey | None = None
@@ -196,7 +204,11 @@ class EpochKeeper:
         self._kek_version = KekVersion(1)
         self._last_number = 0  # highest epoch number made or seen: never reused
         self._pending_since: float | None = None
+        self._pending_at: float | None = None  # the same purge, on the monotonic clock
+        self._covering: float | None = None  # _pending_at when the running change began
         self._purges = 0  # purges since the last epoch change began
+        self._last_duration = 0.0  # seconds the last ratchet took, monotonic
+        self._window_misses = 0
         self._changes = 0
         self._timer: threading.Thread | None = None
         self._wake = threading.Condition(self._lock)
@@ -217,6 +229,7 @@ class EpochKeeper:
         lease_timeout: float = DEFAULT_LEASE_WAIT,
         entropy: Entropy | None = None,
         phase_hook: RatchetPhase | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> tuple[EpochKeeper, EpochRecovery]:
         """Load the current epoch from the slot file, finishing an interrupted change.
 
@@ -232,6 +245,7 @@ class EpochKeeper:
             lease_timeout=lease_timeout,
             entropy=entropy,
             phase_hook=phase_hook,
+            monotonic=monotonic,
         )
         try:
             recovery = keeper._recover()
@@ -422,6 +436,23 @@ class EpochKeeper:
         with self._lock:
             return self._pending_since
 
+    @property
+    def window_misses(self) -> int:
+        """Ratchets that destroyed an epoch key later than ``window`` after the first
+        purge they covered (monotonic time)."""
+        with self._lock:
+            return self._window_misses
+
+    @property
+    def timer_lead(self) -> float:
+        """Seconds before the window closes at which :meth:`start_timer` starts a ratchet:
+        ``max(window / 2, 2 x the last ratchet's duration)``, at most ``window``."""
+        with self._lock:
+            return self._lead_locked()
+
+    def _lead_locked(self) -> float:
+        return min(self._window, max(self._window / 2, 2 * self._last_duration))
+
     def _epoch_number(self) -> EpochNumber:
         return self._live().number
 
@@ -453,6 +484,7 @@ class EpochKeeper:
         with self._lock:
             if self._pending_since is None:
                 self._pending_since = self._clock.now()
+                self._pending_at = self._monotonic()
             self._purges += 1
             self._wake.notify_all()
             unmark, self._marked_clean = self._marked_clean, False
@@ -487,6 +519,7 @@ class EpochKeeper:
         the current epoch (:class:`RatchetFailed`; a crash instead is finished at open).
         """
         wait = self._lease_timeout if timeout is None else check_timeout(timeout)
+        started = self._monotonic()
         with self._gate.exclusive(wait), self._keks.active_kek() as kek:
             new = self._stage(kek)
             try:
@@ -503,7 +536,27 @@ class EpochKeeper:
                 if isinstance(exc, Exception):
                     raise RatchetFailed(f"epoch change failed: {type(exc).__name__}") from exc
                 raise
-            return self._finish(new, kek.version, len(blobs), skipped, reason)
+            change = self._finish(new, kek.version, len(blobs), skipped, reason)
+        self._account(started)
+        return change
+
+    def _account(self, started: float) -> None:
+        """Record how long the ratchet begun at ``started`` took (the timer's lead), and
+        whether it destroyed the old epoch within the window of the purges it covered."""
+        done = self._monotonic()
+        with self._lock:
+            self._last_duration = duration = done - started
+            covering, self._covering = self._covering, None
+            late = 0.0 if covering is None else done - covering - self._window
+            if late > 0:
+                self._window_misses += 1
+        if late > 0:
+            _log.warning(
+                "epoch_window_missed",
+                late_by=round(late, 3),
+                window=self._window,
+                ratchet_seconds=round(duration, 3),
+            )
 
     def rotate_kek(self, master: MasterKeys, *, timeout: float | None = None) -> KekRotation:
         """Rotate ``master``'s KEK as an epoch change: the next epoch key, wrapped under
@@ -524,6 +577,7 @@ class EpochKeeper:
             number = EpochNumber(self._last_number)
             target, sequence = 1 - self._index, self._sequence + 1
             self._purges = 0
+            self._covering = self._pending_at
         new = EpochKey.generate(number, entropy=self._entropy)
         try:
             record = SlotRecord(sequence, wrap_epoch_key(kek, new))
@@ -563,7 +617,7 @@ class EpochKeeper:
             self._kek_version = kek_version
             self._changes += 1
             if self._purges == 0:  # no purge arrived while this change ran
-                self._pending_since = None
+                self._pending_since = self._pending_at = None
         old.wipe()
         change = EpochChange(old.number, new.number, rewrapped, skipped, reason)
         _log.info(
@@ -595,7 +649,8 @@ class EpochKeeper:
     # --- the real-time timer ----------------------------------------------------------------
 
     def start_timer(self) -> None:
-        """Ratchet on real time: ``window / 2`` seconds after the first uncovered purge.
+        """Ratchet on real time: :attr:`timer_lead` seconds before the window of the first
+        uncovered purge closes (so, by default, half a window after it).
 
         For a threaded node whose ticks may be far apart. Idempotent; stopped by
         :meth:`close`.
@@ -611,11 +666,14 @@ class EpochKeeper:
         delay = self._window / 2
         while True:
             with self._lock:
-                self._wake.wait_for(lambda: self._closing or self._pending_since is not None)
-                if self._closing:
+                self._wake.wait_for(lambda: self._closing or self._pending_at is not None)
+                if self._closing or self._pending_at is None:  # (None only when closing)
                     return
-                # Let purges gather for half the window, unless the keeper closes.
-                self._wake.wait_for(lambda: self._closing, timeout=delay)
+                # Let purges gather until the lead before the window closes, unless the
+                # keeper closes (counted from the purge: the timer may have woken late).
+                start_at = self._pending_at + self._window - self._lead_locked()
+                wait = max(0.0, start_at - self._monotonic())
+                self._wake.wait_for(lambda: self._closing, timeout=wait)
                 if self._closing:
                     return
             try:

@@ -513,3 +513,87 @@ def test_a_clean_mark_for_another_epoch_counts_for_nothing(bench: Bench) -> None
     stale, _ = bench.reopen()
     assert not stale.clean_at_open
     stale.close()
+
+
+# --- the window, measured -------------------------------------------------------------------
+
+
+@pytest.fixture
+def timed() -> Iterator[tuple[EpochKeeper, ManualClock]]:
+    """A keeper whose monotonic clock is a manual one, with ten live keys."""
+    store = MemoryStore(MemoryBacking())
+    ring = Keyring.create()
+    clock = ManualClock()
+    keeper, _ = EpochKeeper.open(store, ring, clock=clock, window=WINDOW, monotonic=clock.now)
+    for n in range(10):
+        store_key(keeper, store, f"e3:timed{n}").wipe()
+    yield keeper, clock
+    keeper.close()
+    ring.seal(0.0, force=True)
+
+
+def taking(clock: ManualClock, seconds: float) -> RatchetPhase:
+    """A phase hook that makes the rewrap step take ``seconds`` on ``clock``."""
+
+    def hook(name: str) -> None:
+        if name == "keys_rewrapped":
+            clock.advance(seconds)
+
+    return hook
+
+
+def test_the_timer_starts_half_a_window_early_or_twice_the_last_ratchet(
+    timed: tuple[EpochKeeper, ManualClock],
+) -> None:
+    keeper, clock = timed
+    assert keeper.timer_lead == WINDOW / 2  # nothing measured yet
+    for took, lead in [(0.1, WINDOW / 2), (0.3, 0.6), (0.45, 0.9), (0.7, WINDOW), (0.0, 0.5)]:
+        keeper._phase_hook = taking(clock, took)
+        keeper.ratchet()
+        assert keeper.timer_lead == pytest.approx(lead)
+
+
+def test_a_ratchet_that_ends_after_the_window_is_counted_and_logged(
+    timed: tuple[EpochKeeper, ManualClock],
+) -> None:
+    keeper, clock = timed
+    keeper.purged()
+    clock.advance(WINDOW / 2)
+    keeper._phase_hook = taking(clock, WINDOW / 2 - 0.01)
+    keeper.ratchet_pending()  # ends 0.99 window after the purge
+    assert keeper.window_misses == 0
+
+    keeper.purged()
+    clock.advance(WINDOW / 2)
+    keeper._phase_hook = taking(clock, WINDOW / 2 + 0.25)
+    with capture_logs() as logs:
+        keeper.ratchet_pending()  # ends 1.25 windows after the purge
+    assert keeper.window_misses == 1
+    [missed] = [entry for entry in logs if entry["event"] == "epoch_window_missed"]
+    assert missed["late_by"] == pytest.approx(0.25)
+    assert missed["ratchet_seconds"] == pytest.approx(WINDOW / 2 + 0.25)
+
+    keeper._phase_hook = taking(clock, 5 * WINDOW)
+    keeper.ratchet()  # nothing purged: no window to miss
+    assert keeper.window_misses == 1
+
+
+def test_the_timer_counts_from_the_purge_not_from_when_it_woke() -> None:
+    """A purge already older than the timer's lead when the timer looks at it (the timer
+    was busy, or started late) is ratcheted at once: with a 60 s window, waiting half a
+    window from the wake-up would take 30 s."""
+    store = MemoryStore(MemoryBacking())
+    ring = Keyring.create()
+    clock = ManualClock()
+    keeper, _ = EpochKeeper.open(store, ring, clock=clock, window=60.0, monotonic=clock.now)
+    done = threading.Event()
+    keeper._phase_hook = lambda name: done.set() if name == "old_slot_wiped" else None
+    try:
+        keeper.purged()
+        clock.advance(45.0)  # past the lead (30 s before the window closes)
+        keeper.start_timer()
+        assert done.wait(10.0), "the timer ratchets at once"
+        assert keeper.changes == 1
+    finally:
+        keeper.close()
+        ring.seal(0.0, force=True)
