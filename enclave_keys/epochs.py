@@ -139,8 +139,7 @@ class _Rewrap(KekDependent):
 
     def write(self, batch: WriteBatch) -> int:
         self._blobs, self._skipped = self._keeper._rewrapped(self._new)
-        for round_id, blob in self._blobs:
-            batch.put_key_record(round_id, blob)
+        batch.put_key_records(self._blobs)
         return len(self._blobs)
 
     def committed(self) -> None:
@@ -406,8 +405,7 @@ class EpochKeeper:
         todo = [(round_id, blob) for round_id, blob in rewrapped if blob is not None]
         if todo:
             with self._store.write() as batch:
-                for round_id, blob in todo:
-                    batch.put_key_record(round_id, blob)
+                batch.put_key_records(todo)
         _log.info("epoch_change_rolled_forward", old=old.number.number, new=new.number.number)
         return len(todo)
 
@@ -528,8 +526,7 @@ class EpochKeeper:
                 with collector_paused(promote=False):
                     blobs, skipped = self._rewrapped(new)
                     with self._store.write() as batch:
-                        for round_id, blob in blobs:
-                            batch.put_key_record(round_id, blob)
+                        batch.put_key_records(blobs)
                 self._phase("keys_rewrapped")
             except BaseException as exc:
                 self._roll_back(new)

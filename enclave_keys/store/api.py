@@ -18,7 +18,7 @@ raises, or applying fails (for example with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -38,6 +38,13 @@ from enclave_keys.store.slots import SlotDevice
 class PutKey:
     key: bytes
     blob: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PutKeys:
+    """Many :class:`PutKey` at once (a ratchet's rewrap): ``(key, blob)`` pairs."""
+
+    pairs: tuple[tuple[bytes, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +69,7 @@ class DeleteMeta:
     key: bytes
 
 
-Operation = PutKey | DeleteKey | PutSnapshot | PutMeta | DeleteMeta
+Operation = PutKey | PutKeys | DeleteKey | PutSnapshot | PutMeta | DeleteMeta
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +176,23 @@ class WriteBatch:
         key = records.check_round_id(round_id).to_bytes()
         self._operations.append(PutKey(key, records.check_blob(blob)))
 
-    def put_key_record(self, key: bytes, blob: bytes) -> None:
-        """:meth:`put_key` under the round id's bytes, as :meth:`Store.list_key_records`
-        gives them (checked as a round id's form, without building one)."""
+    def put_key_records(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """:meth:`put_key` for each ``(round id bytes, blob)`` tuple, as one operation: an
+        epoch change writes back every live key as :meth:`Store.list_key_records` gave
+        them. Each id is checked as a round id's form, without building a ``RoundId``;
+        all are checked before any is recorded."""
         self._check_open()
-        self._operations.append(PutKey(records.check_round_id_bytes(key), records.check_blob(blob)))
+        try:
+            checked = tuple(pairs)
+        except TypeError:
+            raise StoreError("put_key_records takes an iterable of pairs") from None
+        check_id, check_blob = records.check_round_id_bytes, records.check_blob
+        for pair in checked:
+            if type(pair) is not tuple or len(pair) != 2:
+                raise StoreError("put_key_records takes (round id bytes, blob) tuples")
+            check_id(pair[0])
+            check_blob(pair[1])
+        self._operations.append(PutKeys(checked))
 
     def delete_key(self, round_id: RoundId) -> None:
         """Delete a round's wrapped key; deleting a missing key is not an error."""

@@ -38,6 +38,7 @@ from enclave_keys.store.api import (
     DeleteMeta,
     PreparedBatch,
     PutKey,
+    PutKeys,
     PutMeta,
     PutSnapshot,
 )
@@ -243,6 +244,8 @@ class LmdbStore(StoreBase):
             match op:
                 case PutKey(key, blob):
                     txn.put(key, blob, db=self._round_keys)
+                case PutKeys(pairs):
+                    txn.cursor(db=self._round_keys).putmulti(pairs)
                 case DeleteKey(key):
                     txn.delete(key, db=self._round_keys)
                 case PutSnapshot(sequence, data):

@@ -21,6 +21,7 @@ from enclave_keys.store.api import (
     DeleteMeta,
     PreparedBatch,
     PutKey,
+    PutKeys,
     PutMeta,
     PutSnapshot,
     snapshots_to_prune,
@@ -93,6 +94,8 @@ class MemoryStore(StoreBase):
                 match op:
                     case PutKey(key, blob):
                         data.round_keys[key] = blob
+                    case PutKeys(pairs):
+                        data.round_keys.update(pairs)
                     case DeleteKey(key):
                         data.round_keys.pop(key, None)
                     case PutSnapshot(sequence, snapshot):

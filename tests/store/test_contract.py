@@ -324,10 +324,10 @@ def test_round_key_records_are_the_keys_as_stored(store: Store) -> None:
     store.put_key(R1, b"one")
     records = store.list_key_records()
     assert records == [(rid.to_bytes(), blob) for rid, blob in store.list_keys()]
-    with store.write() as batch:  # what a bulk pass writes back
-        for raw, blob in records:
-            batch.put_key_record(raw, blob + b"!")
-    assert store.list_keys() == [(R1, b"one!"), (R2, b"two!")]
+    with store.write() as batch:  # all at once, as an epoch change writes them back
+        batch.put_key_records([(raw, blob + b"?") for raw, blob in records])
+        batch.delete_key(R2)  # operations stay in order around the bulk one
+    assert store.list_keys() == [(R1, b"one?")]
 
 
 def test_snapshots_keep_the_newest_three_by_default(store: Store) -> None:
@@ -460,13 +460,18 @@ INVALID: list[Any] = [
     ("put_key", (R1, b"x" * 4097), StoreError),
     ("put_key", (R1, bytearray(b"k")), StoreError),
     ("put_key", (R1, "k"), StoreError),
-    ("put_key_record", (R1, b"k"), InvalidIdentifier),
-    ("put_key_record", ("r1", b"k"), InvalidIdentifier),
-    ("put_key_record", (b"", b"k"), InvalidIdentifier),
-    ("put_key_record", (b"-r1", b"k"), InvalidIdentifier),
-    ("put_key_record", (b"r" * 129, b"k"), InvalidIdentifier),
-    ("put_key_record", (b"r1\n", b"k"), InvalidIdentifier),
-    ("put_key_record", (b"r1", b""), StoreError),
+    ("put_key_records", ([(R1, b"k")],), InvalidIdentifier),
+    ("put_key_records", ([("r1", b"k")],), InvalidIdentifier),
+    ("put_key_records", ([(b"", b"k")],), InvalidIdentifier),
+    ("put_key_records", ([(b"-r1", b"k")],), InvalidIdentifier),
+    ("put_key_records", ([(b"r" * 129, b"k")],), InvalidIdentifier),
+    ("put_key_records", ([(b"r1\n", b"k")],), InvalidIdentifier),
+    ("put_key_records", ([(b"r1", b"")],), StoreError),
+    ("put_key_records", ([(b"r1", b"k"), (b"-r1", b"k")],), InvalidIdentifier),
+    ("put_key_records", ([(b"r1", b"k"), (b"r2", b"")],), StoreError),
+    ("put_key_records", ([(b"r1", b"k"), (b"r2",)],), StoreError),
+    ("put_key_records", ([b"r1"],), StoreError),
+    ("put_key_records", (None,), StoreError),
     ("delete_key", (None,), InvalidIdentifier),
     ("put_snapshot", (-1, b"s"), InvalidIdentifier),
     ("put_snapshot", (2**64, b"s"), InvalidIdentifier),
