@@ -10,6 +10,7 @@ from typing import ClassVar, Self
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from enclave_keys.crypto import secret
 from enclave_keys.crypto.secret import Entropy, NoCopy, SecretBytes
 from enclave_keys.errors import InvalidKeyMaterial, SecretWiped
 
@@ -50,7 +51,7 @@ class AeadKeyHolder(NoCopy):
     wipe: we can only drop the object (on :meth:`wipe`) so that OpenSSL frees it.
     """
 
-    __slots__ = ("_aead", "_entropy", "_holder_lock", "_key", "_wiped")
+    __slots__ = ("_aead", "_entropy", "_generation", "_holder_lock", "_key", "_wiped")
 
     KIND: ClassVar[str] = "key"
 
@@ -67,6 +68,7 @@ class AeadKeyHolder(NoCopy):
             key.wipe()
             raise
         self._aead: AESGCM | None = None
+        self._generation = secret._generation  # a forked child builds its AESGCM anew
         self._wiped = False
         self._key = key
         self._entropy = entropy
@@ -74,8 +76,10 @@ class AeadKeyHolder(NoCopy):
 
     def _live_aead(self) -> AESGCM:
         aead = self._aead
-        if aead is not None:
+        if aead is not None and self._generation == secret._generation:
             return aead
+        if self._generation != secret._generation:  # in a forked child: the key is gone
+            raise SecretWiped(f"{self!r}: made before a fork, unusable in the child")
         with self._holder_lock:
             if self._wiped:
                 raise SecretWiped(f"{self!r} was used after it was wiped")
@@ -95,10 +99,14 @@ class AeadKeyHolder(NoCopy):
 
     @property
     def is_wiped(self) -> bool:
-        return self._wiped
+        return self._wiped or self._key.is_wiped
 
     def wipe(self) -> None:
         """Zero the key memory and drop the ``AESGCM`` object. Idempotent, thread-safe."""
+        if self._generation != secret._generation:  # a forked child: take no lock
+            self._wiped, self._aead = True, None
+            self._key.wipe()
+            return
         with self._holder_lock:
             self._wiped = True
             self._aead = None

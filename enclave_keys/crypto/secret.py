@@ -17,7 +17,15 @@ If ``mlock`` is refused (``RLIMIT_MEMLOCK`` too low, no ``CAP_IPC_LOCK``, a plat
 without it) the secret still works, unlocked, and the process logs one structured
 ``secret_memory_not_locked`` warning.
 
-Do not ``fork`` a process holding secrets: the child gets a copy of every chunk.
+**Fork.** A child process inherits no key bytes: every mapping is also marked
+``MADV_WIPEONFORK`` (Linux 4.14+), so the kernel gives the child zero-filled pages in its
+place; where that advice is refused, the child zeroes the mapping itself, first thing
+after ``os.fork()`` (``os.register_at_fork``; a ``fork`` + ``exec`` such as
+``subprocess`` runs no Python in the child, and the advice alone covers it). In the child
+every secret made before the fork counts as wiped: ``borrow`` raises
+:class:`~enclave_keys.errors.SecretWiped`, and new secrets come from fresh memory. What
+this cannot cover: copies outside these mappings (below), which a forked child inherits
+like any other heap memory. Open a new node in a child; never use an inherited one.
 
 What this cannot do: Python and OpenSSL make copies we cannot reach. An immutable
 ``bytes`` a key came from, anything a caller copies out of a borrowed view, and the key
@@ -32,6 +40,8 @@ import ctypes
 import errno
 import hmac
 import mmap
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -94,8 +104,34 @@ def _warn_not_locked(size: int, mapped: int, err: int | None) -> None:
     )
 
 
+_MADV_WIPEONFORK: int | None = getattr(
+    mmap, "MADV_WIPEONFORK", 18 if sys.platform.startswith("linux") else None
+)
+"""``madvise`` advice: a forked child gets zero-filled pages here (Linux 4.14+; Python
+names the constant from 3.12 on)."""
+
+_generation = 0
+"""Bumped in a forked child: secrets made in an earlier generation are unusable there."""
+
+_UNWIPED_ON_FORK: set[mmap.mmap] = set()
+"""Live mappings the kernel refused to wipe on fork: a forked child zeroes these itself."""
+
+
+def _wipe_on_fork(mapping: mmap.mmap) -> bool:
+    """Ask the kernel to hand a forked child zero pages for ``mapping``; False if refused."""
+    if _MADV_WIPEONFORK is None:
+        return False
+    try:
+        mapping.madvise(_MADV_WIPEONFORK)
+    except OSError:  # EINVAL: a kernel older than 4.14
+        return False
+    return True
+
+
 def _map(size: int) -> tuple[mmap.mmap, int]:
-    """A private anonymous mapping of at least one page for ``size`` bytes, and its address."""
+    """A private anonymous mapping of at least one page for ``size`` bytes, and its address.
+
+    Dump-excluded, and wiped in a forked child (by the kernel, or by :func:`_in_child`)."""
     pages = max(1, -(-size // mmap.PAGESIZE))
     if hasattr(mmap, "MAP_PRIVATE"):
         mapping = mmap.mmap(
@@ -108,6 +144,8 @@ def _map(size: int) -> tuple[mmap.mmap, int]:
         mapping = mmap.mmap(-1, pages * mmap.PAGESIZE)
     if hasattr(mmap, "MADV_DONTDUMP"):
         mapping.madvise(mmap.MADV_DONTDUMP)
+    if not _wipe_on_fork(mapping):
+        _UNWIPED_ON_FORK.add(mapping)
     # The ctypes array exports the buffer only for this one expression.
     address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
     return mapping, address
@@ -194,6 +232,24 @@ class _Arena:
 _ARENA = _Arena()
 
 
+def _in_child() -> None:
+    """Run first thing in a child after ``os.fork()``: the inherited secrets become unusable
+    (a new generation), new ones come from a new arena (the old one's lock may have been
+    held by a thread that does not exist here), and mappings the kernel does not wipe on
+    fork are zeroed now. Touches no lock: only this thread exists in the child."""
+    global _ARENA, _generation
+    _generation += 1
+    _ARENA = _Arena()
+    for mapping in list(_UNWIPED_ON_FORK):
+        with contextlib.suppress(ValueError):  # closed meanwhile
+            mapping[:] = bytes(len(mapping))
+    _UNWIPED_ON_FORK.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_in_child)
+
+
 def _release(home: _Arena | mmap.mmap, address: int, length: int, slot: int, locked: bool) -> None:
     """Give back secret memory that has already been zeroed.
 
@@ -204,6 +260,7 @@ def _release(home: _Arena | mmap.mmap, address: int, length: int, slot: int, loc
         return
     if locked and _LIBC is not None:
         _LIBC.munlock(address, length)
+    _UNWIPED_ON_FORK.discard(home)
     # If a view a caller kept alive still exports the buffer, close() refuses: the memory
     # is already zero, and the mapping is unmapped when that last view is collected.
     with contextlib.suppress(BufferError):
@@ -278,6 +335,7 @@ class SecretBytes(NoCopy):
         "_arena",
         "_borrows",
         "_escaped",
+        "_generation",
         "_lock",
         "_locked",
         "_mapping",
@@ -290,6 +348,7 @@ class SecretBytes(NoCopy):
     _arena: _Arena | None  # the arena holding the slot (None: own mapping, or given back)
     _borrows: int
     _escaped: bool  # a view of the slot outlived its borrow: never give the slot back
+    _generation: int  # the fork generation it was made in (see _in_child)
     _lock: threading.Lock
     _locked: bool
     _mapping: mmap.mmap | None  # the own mapping (None: arena slot, or unmapped)
@@ -308,6 +367,7 @@ class SecretBytes(NoCopy):
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidKeyMaterial("secret size must be a non-negative integer")
         self = object.__new__(cls)
+        self._generation = _generation
         self._lock = threading.Lock()
         self._borrows = 0
         self._escaped = False
@@ -417,6 +477,8 @@ class SecretBytes(NoCopy):
     def _begin_borrow(self) -> tuple[memoryview, list[memoryview], weakref.ref[Any] | None]:
         """Start a borrow: (read-only view, views to release at its end, the exporter of
         an arena slot's view — alive after the release means the view escaped)."""
+        if self._generation != _generation:
+            raise SecretWiped(f"{self!r}: made before a fork, unusable in the child")
         with self._lock:
             if self._wiped or (self._mapping is None and self._arena is None):
                 raise SecretWiped(f"{self!r} was used after it was wiped")
@@ -474,12 +536,13 @@ class SecretBytes(NoCopy):
 
     @property
     def is_wiped(self) -> bool:
-        return self._wiped
+        """True once wiped, and in a forked child for every secret made before the fork."""
+        return self._wiped or self._generation != _generation
 
     @property
     def is_locked(self) -> bool:
         """True while the memory is mlocked (False if mlock was refused, or after wipe)."""
-        return self._locked and not self._wiped
+        return self._locked and not self.is_wiped
 
     # --- destruction -------------------------------------------------------------------
 
@@ -489,7 +552,14 @@ class SecretBytes(NoCopy):
         An arena slot is zeroed whole (all 64 bytes) and returns to the free list; an own
         mapping is zeroed whole, then unlocked and unmapped. While a borrow is open, the
         memory is zeroed now and given back when the last borrow ends.
+
+        In a forked child, a secret made before the fork is only marked wiped: its memory
+        is already zero there, and its locks may have been held by a thread the child
+        does not have.
         """
+        if self._generation != _generation:
+            self._wiped = True
+            return
         with self._lock:
             if self._wiped or (self._mapping is None and self._arena is None):
                 return
@@ -524,7 +594,7 @@ class SecretBytes(NoCopy):
 
     def __repr__(self) -> str:
         size = getattr(self, "_size", 0)
-        if getattr(self, "_wiped", True):
+        if getattr(self, "_wiped", True) or self.is_wiped:
             return f"SecretBytes(size={size}, wiped)"
         return f"SecretBytes(size={size}, {'locked' if self._locked else 'not locked'})"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from enclave_keys.crypto import RoundCipher, SecretBytes
 from enclave_keys.errors import InvalidKeyMaterial, SecretWiped
 from enclave_keys.ids import KeyId, RoundId
+from tests.crypto.forking import in_forked_child
 
 R = RoundId("lazy")
 
@@ -59,4 +61,30 @@ def test_concurrent_first_uses_build_one_object() -> None:
     for thread in threads:
         thread.join()
     assert len({id(aead) for aead in seen}) == 1
+    cipher.wipe()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_cannot_use_a_cipher_built_before_the_fork() -> None:
+    """The child inherits the cached ``AESGCM`` (OpenSSL's copy of the key, which nothing
+    can wipe), but may not use it: the key holder refuses, as if wiped."""
+    cipher = RoundCipher(R, KeyId.random(), SecretBytes.random(32))
+    sealed = cipher.seal("probe", b"data")  # builds and caches the AESGCM
+
+    def probe() -> dict[str, object]:
+        seen: dict[str, object] = {}
+        try:
+            cipher.seal("probe", b"x")
+        except SecretWiped:
+            seen["seal"] = "refused"
+        try:
+            cipher.open("probe", sealed)
+        except SecretWiped:
+            seen["open"] = "refused"
+        cipher.wipe()  # no lock taken in the child
+        seen["is_wiped"] = cipher.is_wiped
+        return seen
+
+    assert in_forked_child(probe) == {"seal": "refused", "open": "refused", "is_wiped": True}
+    assert cipher.open("probe", sealed) == b"data"  # the parent's cipher still works
     cipher.wipe()

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 from enclave_keys.crypto import secret as secret_module
 from enclave_keys.crypto.secret import CHUNK_SIZE, SLOT_SIZE, SecretBytes
 from enclave_keys.errors import InvalidKeyMaterial, SecretWiped
+from tests.crypto.forking import in_forked_child
 
 KEY = bytes(range(1, 33))
 REPO = Path(__file__).resolve().parents[2]
@@ -631,3 +632,66 @@ def test_many_small_secrets_are_all_locked_under_the_default_memlock_limit() -> 
     assert result["chunks"] == -(-5000 * SLOT_SIZE // CHUNK_SIZE)  # 5 chunks, 320 KiB
     if result["vm_lck"] is not None:
         assert result["vm_lck"] == result["chunks"] * CHUNK_SIZE
+
+
+# --- fork ---------------------------------------------------------------------------------
+
+
+def inherited(secret: SecretBytes) -> dict[str, object]:
+    """What a child sees of a secret made before the fork."""
+    try:
+        with secret.borrow():
+            borrow = "allowed"
+    except SecretWiped:
+        borrow = "refused"
+    return {
+        "memory_is_zero": raw_memory(secret) == bytes(len(secret)),
+        "borrow": borrow,
+        "is_wiped": secret.is_wiped,
+    }
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@KINDS
+def test_a_forked_child_inherits_no_key_bytes(size: int) -> None:
+    secret = SecretBytes.from_bytes(key_of(size))
+
+    def probe() -> dict[str, object]:
+        seen = inherited(secret)
+        secret.wipe()  # takes no lock the child may not own, changes nothing in the parent
+        with SecretBytes.random(size) as fresh, fresh.borrow() as view:
+            seen["fresh"] = len(view) == size and raw_memory(fresh) == bytes(view)
+        return seen
+
+    assert in_forked_child(probe) == {
+        "memory_is_zero": True,
+        "borrow": "refused",
+        "is_wiped": True,
+        "fresh": True,
+    }
+    assert secret.equals(key_of(size))  # the parent's copy is untouched
+    assert not secret.is_wiped
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_where_the_kernel_does_not_wipe_on_fork_the_child_zeroes_the_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(secret_module, "_MADV_WIPEONFORK", None)  # as on an old kernel
+    secret = SecretBytes.from_bytes(key_of(SLOT_SIZE + 1))  # its own mapping, made now
+
+    assert in_forked_child(lambda: inherited(secret)) == {
+        "memory_is_zero": True,
+        "borrow": "refused",
+        "is_wiped": True,
+    }
+    assert secret.equals(key_of(SLOT_SIZE + 1))
+    secret.wipe()
+    assert not secret_module._UNWIPED_ON_FORK  # forgotten once unmapped
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+@KINDS
+def test_memory_is_marked_wipe_on_fork(size: int) -> None:
+    secret = SecretBytes.from_bytes(key_of(size))
+    assert "wf" in _vm_flags(secret._address)  # VM_WIPEONFORK
