@@ -43,7 +43,7 @@ from enclave_keys.context import ContextRegistry
 from enclave_keys.core_state import KnownRoundIds
 from enclave_keys.crypto.hardening import harden_process
 from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper, EpochRecovery
-from enclave_keys.errors import ActorsStopped, CorruptRecord, LifecycleError, Sealed
+from enclave_keys.errors import ActorsStopped, CorruptRecord, LifecycleError, Sealed, StoreError
 from enclave_keys.events import (
     Event,
     FailureReason,
@@ -716,5 +716,12 @@ class Node:
             len(self._registry),
             self._last_snapshot_size // SNAPSHOT_BYTES_PER_EVENT,
         )
-        if self._store.last_sequence() - self._last_snapshot >= due:
+        if self._store.last_sequence() - self._last_snapshot < due:
+            return
+        try:
             self.snapshot()
+        except (LifecycleError, StoreError) as exc:
+            # The publish that got here is durable: it must not fail now (its caller would
+            # publish it again). The runtime did not settle in time, its actors stopped, or
+            # the store refused the record: the next publish tries again.
+            _log.warning("snapshot_deferred", error_type=type(exc).__qualname__)

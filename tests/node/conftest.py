@@ -123,9 +123,13 @@ class NodeFactory:
         self._opened: list[Node] = []
 
     def config(
-        self, *, snapshot_every: int | None = None, reaper_grace: float | None = None
+        self,
+        *,
+        snapshot_every: int | None = None,
+        reaper_grace: float | None = None,
+        idle_timeout: float = WAIT,
     ) -> NodeConfig:
-        base = NodeConfig(runtime=self.runtime, idle_timeout=WAIT)
+        base = NodeConfig(runtime=self.runtime, idle_timeout=idle_timeout)
         return replace(
             base,
             snapshot_every=base.snapshot_every if snapshot_every is None else snapshot_every,
@@ -138,10 +142,13 @@ class NodeFactory:
         master: SecretBytes | None = None,
         snapshot_every: int | None = None,
         reaper_grace: float | None = None,
+        idle_timeout: float = WAIT,
     ) -> Node:
         """A started node over the data directory (``master`` defaults to the fixture's)."""
         key = self.master if master is None else master
-        config = self.config(snapshot_every=snapshot_every, reaper_grace=reaper_grace)
+        config = self.config(
+            snapshot_every=snapshot_every, reaper_grace=reaper_grace, idle_timeout=idle_timeout
+        )
         node = Node.open(self.data_dir, KeyUnseal(key), clock=self.clock, config=config)
         self._opened.append(node)
         return node

@@ -3,6 +3,7 @@ can leave in the store. Real SIGKILLs: tests/node/test_crash_campaign.py."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import msgpack
 import pykka
 import pytest
+from structlog.testing import capture_logs
 
-from enclave_keys.errors import ActorsStopped, UnknownEpoch
+from enclave_keys.errors import ActorsStopped, StoreError, UnknownEpoch
 from enclave_keys.events import (
     DecryptionShareCreated,
     DecryptionShareRequested,
@@ -35,6 +37,7 @@ from enclave_keys.store import LmdbStore
 from tests.node.conftest import (
     FAR,
     T0,
+    WAIT,
     NodeFactory,
     failures_of,
     keyshare_ciphertexts,
@@ -403,6 +406,63 @@ def test_a_start_after_a_clean_stop_needs_no_ratchet_but_one_after_a_crash_does(
     node = nodes.open()
     assert node.epochs.changes == 1  # after a crash the start ratchets
     node.stop()
+
+
+def test_a_snapshot_the_store_refuses_does_not_fail_the_publish_before_it(
+    nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish is durable before its node snapshots: if the snapshot fails, the publish
+    still returns (its caller would otherwise publish it again), and the next one that is
+    due is written."""
+    node = nodes.open(snapshot_every=1)
+
+    def refuse(sequence: int, data: bytes) -> None:
+        raise StoreError("injected snapshot failure")
+
+    monkeypatch.setattr(node.store, "put_snapshot", refuse)
+    with capture_logs() as logs:
+        [stored] = node.publish(request(rid("deferred:1")))
+    settle(node)
+    assert [entry["error_type"] for entry in logs if entry["event"] == "snapshot_deferred"]
+    assert node.store.get_key(rid("deferred:1")) is not None
+
+    monkeypatch.undo()
+    node.publish(request(rid("deferred:2")))
+    settle(node)
+    latest = node.store.latest_snapshot()
+    assert latest is not None
+    assert latest[0] > stored.sequence
+
+
+@pytest.mark.parametrize("runtime", ["pykka"])
+def test_a_snapshot_that_waits_in_vain_for_the_runtime_does_not_fail_the_publish(
+    nodes: NodeFactory,
+) -> None:
+    """The runtime is not idle within ``idle_timeout`` (the round cipher waits for the
+    storage epoch, held as a ratchet holds it): the snapshot is put off, the publish
+    returns, and the round is keyed once the epoch is free."""
+    node = nodes.open(snapshot_every=1, idle_timeout=0.3)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_epoch() -> None:
+        with node.epochs._gate.exclusive(WAIT):
+            held.set()
+            release.wait(WAIT)
+
+    holder = threading.Thread(target=hold_the_epoch)
+    holder.start()
+    try:
+        assert held.wait(WAIT)
+        with capture_logs() as logs:
+            node.publish(request(rid("busy:1")))
+    finally:
+        release.set()
+        holder.join(WAIT)
+    assert [entry["error_type"] for entry in logs if entry["event"] == "snapshot_deferred"] == [
+        "LifecycleError"
+    ]
+    settle(node)
+    require_cipher(node, rid("busy:1"))
 
 
 @pytest.mark.parametrize("runtime", ["pykka"])
