@@ -25,7 +25,13 @@ from enclave_keys.crypto import (
     unwrap_round_key,
     wrap_round_key,
 )
-from enclave_keys.epochs import CLEAN_RECORD, EpochKeeper, RatchetPhase, slot_status
+from enclave_keys.epochs import (
+    CLEAN_RECORD,
+    ESTIMATED_RATCHET_SECONDS_PER_KEY,
+    EpochKeeper,
+    RatchetPhase,
+    slot_status,
+)
 from enclave_keys.errors import (
     RatchetFailed,
     Sealed,
@@ -551,6 +557,20 @@ def test_the_timer_starts_half_a_window_early_or_twice_the_last_ratchet(
         keeper._phase_hook = taking(clock, took)
         keeper.ratchet()
         assert keeper.timer_lead == pytest.approx(lead)
+
+
+def test_before_its_first_ratchet_the_timer_estimates_one_from_the_live_keys() -> None:
+    many = int(0.6 * WINDOW / ESTIMATED_RATCHET_SECONDS_PER_KEY)  # an estimated 0.6 window
+    store = MemoryStore(MemoryBacking())
+    with store.write() as batch:
+        batch.put_key_records([(f"e3:{n}".encode(), b"blob") for n in range(many)])
+    ring = Keyring.create()
+    keeper, _ = EpochKeeper.open(store, ring, clock=ManualClock(), window=WINDOW)
+    try:
+        assert keeper.timer_lead == WINDOW  # twice the estimate, at most the window
+    finally:
+        keeper.close()
+        ring.seal(0.0, force=True)
 
 
 def test_a_ratchet_that_ends_after_the_window_is_counted_and_logged(
