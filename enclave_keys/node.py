@@ -259,8 +259,12 @@ class Node:
     def snapshot(self) -> int:
         """Write a snapshot now (after the runtime settles); returns its sequence."""
         with self._lock:
-            runtime = self._runtime_or_raise()
-            runtime.wait_idle(self._config.idle_timeout)
+            self._runtime_or_raise().wait_idle(self._config.idle_timeout)
+            return self._write_snapshot()
+
+    def _write_snapshot(self) -> int:
+        """The snapshot of a settled node, written; its sequence."""
+        with self._lock:
             cores = self._started()
             sequence = self._store.last_sequence()
             # A snapshot's plain values are transient, several per live round: with the
@@ -718,10 +722,16 @@ class Node:
         )
         if self._store.last_sequence() - self._last_snapshot < due:
             return
+        # The publish that got here is durable: a snapshot that cannot be taken now must
+        # not fail it (its caller would publish it again); the next publish tries again.
+        # wait_idle's report of failed handler publishes (a StoreError) still propagates,
+        # as it would from any wait_idle: swallowing it would lose the report.
         try:
-            self.snapshot()
-        except (LifecycleError, StoreError) as exc:
-            # The publish that got here is durable: it must not fail now (its caller would
-            # publish it again). The runtime did not settle in time, its actors stopped, or
-            # the store refused the record: the next publish tries again.
+            self._runtime_or_raise().wait_idle(self._config.idle_timeout)
+        except LifecycleError as exc:  # not settled in time, or the actors were stopped
+            _log.warning("snapshot_deferred", error_type=type(exc).__qualname__)
+            return
+        try:
+            self._write_snapshot()
+        except StoreError as exc:
             _log.warning("snapshot_deferred", error_type=type(exc).__qualname__)

@@ -435,35 +435,43 @@ class PykkaRuntime:
 
     def start(self) -> None:
         """Recover the log position, then start one actor per handler and the bus actor."""
+        error: BaseException | None = None
         with self._state_lock:
             if self._state is not _State.NEW:
                 raise LifecycleError(f"the runtime is already {self._state.value}")
             self._bus.start()
             try:
-                for subscriber in self._bus.subscribers:
-                    self._shells[subscriber.name] = _HandlerActor.start(
-                        subscriber,
-                        self._forward,
-                        self._gate,
-                        self._in_flight,
-                        self._threads,
-                        self._actor_stopped,
-                    )
-                self._bus_ref = _BusActor.start(
-                    self._bus,
-                    dict(self._shells),
-                    self._gate,
-                    self._in_flight,
-                    self._failures,
-                    self._threads,
-                    self._actor_stopped,
-                )
-            except BaseException:
-                self._stop_actors()
+                self._start_actors()
+                self._state = _State.RUNNING
+            except BaseException as exc:
                 self._state = _State.STOPPED
-                raise
-            self._state = _State.RUNNING
+                error = exc
+        if error is not None:
+            # Outside the state lock: each stopping actor's hook takes it.
+            self._gate.close()
+            self._stop_actors()
+            raise error
         _log.info("runtime_started", runtime="pykka", handlers=len(self._shells))
+
+    def _start_actors(self) -> None:
+        for subscriber in self._bus.subscribers:
+            self._shells[subscriber.name] = _HandlerActor.start(
+                subscriber,
+                self._forward,
+                self._gate,
+                self._in_flight,
+                self._threads,
+                self._actor_stopped,
+            )
+        self._bus_ref = _BusActor.start(
+            self._bus,
+            dict(self._shells),
+            self._gate,
+            self._in_flight,
+            self._failures,
+            self._threads,
+            self._actor_stopped,
+        )
 
     def stop(self) -> None:
         """Flush accepted publishes, abandon undelivered events, stop exactly our actors.
@@ -547,15 +555,16 @@ class PykkaRuntime:
     def _actor_stopped(self, name: str) -> None:
         """Called by each actor as it stops (on its thread). While the runtime is running,
         that is a stop from outside: the runtime is broken from then on (see the module
-        docstring). The gate closes before the actor drains its inbox."""
+        docstring). Either way the gate is closed before the actor drains its inbox: its
+        lock lets a send already under way finish first, so none lands after the drain."""
         with self._state_lock:
             outside = self._state is _State.RUNNING
             if outside:
                 self._state = _State.BROKEN
                 self._stopped_actor = name
+        self._gate.close()
         if outside:
             _log.error("runtime_actor_stopped_from_outside", actor=name)
-            self._gate.close()
             self._in_flight.notify()
 
     # --- internals ----------------------------------------------------------------------

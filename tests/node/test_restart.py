@@ -13,6 +13,7 @@ import pykka
 import pytest
 from structlog.testing import capture_logs
 
+from enclave_keys.bus import Outcome, PublishRequest
 from enclave_keys.errors import ActorsStopped, StoreError, UnknownEpoch
 from enclave_keys.events import (
     DecryptionShareCreated,
@@ -432,6 +433,25 @@ def test_a_snapshot_the_store_refuses_does_not_fail_the_publish_before_it(
     latest = node.store.latest_snapshot()
     assert latest is not None
     assert latest[0] > stored.sequence
+
+
+@pytest.mark.parametrize("runtime", ["pykka"])
+def test_a_due_snapshot_does_not_swallow_the_report_of_a_failed_handler_publish(
+    nodes: NodeFactory,
+) -> None:
+    """Failed handler publishes are reported once, by the next ``wait_idle``: the one a due
+    snapshot runs inside ``publish`` raises the report, as before, instead of deferring."""
+    node = nodes.open(snapshot_every=1)
+    lost = PublishRequest.of([request(rid("lost:1"))], source="round_cipher")
+    node._runtime_or_raise()._failures.record(  # type: ignore[attr-defined]
+        Outcome(lost, error=StoreError("injected handler commit failure"))
+    )
+
+    with capture_logs() as logs, pytest.raises(StoreError, match="could not be committed"):
+        node.publish(request(rid("lost:2")))
+
+    assert not [entry for entry in logs if entry["event"] == "snapshot_deferred"]
+    settle(node)  # reported once: nothing left to raise
 
 
 @pytest.mark.parametrize("runtime", ["pykka"])

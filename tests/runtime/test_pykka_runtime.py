@@ -14,7 +14,7 @@ from enclave_keys.clock import ManualClock
 from enclave_keys.errors import ActorsStopped, LifecycleError
 from enclave_keys.events import Event, RoundRequested, StoredEvent
 from enclave_keys.runtime import PykkaRuntime
-from enclave_keys.runtime.pykka_runtime import _Publish
+from enclave_keys.runtime.pykka_runtime import _BusActor, _Publish
 from enclave_keys.store import LmdbStore, Store
 from tests.runtime.helpers import WAIT, Answerer, FlakyStore, Recorder, Stager, requested
 
@@ -343,3 +343,28 @@ def test_the_runtimes_own_stop_is_not_a_stop_from_outside(
     with pytest.raises(LifecycleError, match="the runtime is stopped") as raised:
         runtime.wait_idle(WAIT)
     assert not isinstance(raised.value, ActorsStopped)
+
+
+def test_a_start_that_fails_part_way_stops_what_it_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bus actor cannot start after the handler actors have: ``start`` raises, having
+    stopped and joined those actors (their stop hooks take the runtime's state lock, so it
+    must not be held while they stop)."""
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_BusActor, "start", refuse)
+    runtime = PykkaRuntime(FlakyStore(), ManualClock(START), delivery_timeout=WAIT)
+    runtime.subscribe(Recorder("a"))
+    runtime.subscribe(Recorder("b"))
+
+    with pytest.raises(RuntimeError, match="new thread"):
+        runtime.start()
+
+    assert len(runtime.actor_refs) == 2
+    assert not any(ref.is_alive() for ref in runtime.actor_refs)
+    assert runtime._threads.join(0) == 0
+    with pytest.raises(LifecycleError, match="stopped"):
+        runtime.publish([requested()], source="test")
