@@ -211,8 +211,8 @@ class EpochKeeper:
         self._last_number = 0  # highest epoch number made or seen: never reused
         self._pending_since: float | None = None
         self._pending_at: float | None = None  # the same purge, on the monotonic clock
-        self._covering: float | None = None  # _pending_at when the running change began
         self._purges = 0  # purges since the last epoch change began
+        self._since_stage: tuple[float, float] | None = None  # the first of those: times
         self._last_duration = 0.0  # seconds the last ratchet took, monotonic
         self._window_misses = 0
         self._changes = 0
@@ -491,9 +491,12 @@ class EpochKeeper:
 
     def purged(self) -> None:
         with self._lock:
-            if self._pending_since is None:
-                self._pending_since = self._clock.now()
-                self._pending_at = self._monotonic()
+            if self._pending_since is None or self._purges == 0:
+                now, at = self._clock.now(), self._monotonic()
+                if self._pending_since is None:
+                    self._pending_since, self._pending_at = now, at
+                if self._purges == 0:
+                    self._since_stage = (now, at)
             self._purges += 1
             self._wake.notify_all()
             unmark, self._marked_clean = self._marked_clean, False
@@ -528,9 +531,9 @@ class EpochKeeper:
         the current epoch (:class:`RatchetFailed`; a crash instead is finished at open).
         """
         wait = self._lease_timeout if timeout is None else check_timeout(timeout)
-        started = self._monotonic()
         with self._gate.exclusive(wait), self._keks.active_kek() as kek:
-            new = self._stage(kek)
+            started = self._monotonic()
+            new, covering = self._stage(kek)
             try:
                 # Tens of thousands of short-lived objects alive at once would trigger a
                 # full collection of the whole heap: ~40% of a ratchet at 30k live keys.
@@ -545,16 +548,16 @@ class EpochKeeper:
                     raise RatchetFailed(f"epoch change failed: {type(exc).__name__}") from exc
                 raise
             change = self._finish(new, kek.version, len(blobs), skipped, reason)
-        self._account(started)
+            self._account(started, covering)
         return change
 
-    def _account(self, started: float) -> None:
-        """Record how long the ratchet begun at ``started`` took (the timer's lead), and
-        whether it destroyed the old epoch within the window of the purges it covered."""
+    def _account(self, started: float, covering: float | None) -> None:
+        """Record how long the ratchet begun at ``started`` took once it held the epoch
+        (the timer's lead), and whether it destroyed the old epoch within the window of
+        the first purge it covered (at ``covering``, monotonic)."""
         done = self._monotonic()
         with self._lock:
             self._last_duration = duration = done - started
-            covering, self._covering = self._covering, None
             late = 0.0 if covering is None else done - covering - self._window
             if late > 0:
                 self._window_misses += 1
@@ -575,17 +578,18 @@ class EpochKeeper:
             return master.rotate_kek(timeout=wait, rewrap=self._prepare_rotation)
 
     def _prepare_rotation(self, new_kek: Kek) -> _Rewrap:
-        new = self._stage(new_kek)
+        new, _ = self._stage(new_kek)
         return _Rewrap(self, new, new_kek.version)
 
-    def _stage(self, kek: Kek) -> EpochKey:
-        """Step 1: the next epoch key, written durably to the other slot."""
+    def _stage(self, kek: Kek) -> tuple[EpochKey, float | None]:
+        """Step 1: the next epoch key, written durably to the other slot; and the time
+        (monotonic) of the first purge this change covers, if any."""
         with self._lock:
             self._last_number = max(self._last_number, self._live_locked().number.number) + 1
             number = EpochNumber(self._last_number)
             target, sequence = 1 - self._index, self._sequence + 1
-            self._purges = 0
-            self._covering = self._pending_at
+            self._purges, self._since_stage = 0, None
+            covering = self._pending_at
         new = EpochKey.generate(number, entropy=self._entropy)
         try:
             record = SlotRecord(sequence, wrap_epoch_key(kek, new))
@@ -594,7 +598,7 @@ class EpochKeeper:
             new.wipe()
             raise
         self._phase("slot_written")
-        return new
+        return new, covering
 
     def _rewrapped(self, new: EpochKey) -> tuple[list[tuple[bytes, bytes]], int]:
         """Step 2's blobs, by round id bytes: every stored key under the current epoch,
@@ -624,8 +628,10 @@ class EpochKeeper:
             self._sequence += 1
             self._kek_version = kek_version
             self._changes += 1
-            if self._purges == 0:  # no purge arrived while this change ran
-                self._pending_since = self._pending_at = None
+            # A purge reported while this change ran is pending from when it was reported
+            # (not from the purges this change covered): the timer schedules from it.
+            since = self._since_stage if self._purges else None
+            self._pending_since, self._pending_at = since or (None, None)
         old.wipe()
         change = EpochChange(old.number, new.number, rewrapped, skipped, reason)
         _log.info(

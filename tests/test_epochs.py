@@ -598,6 +598,34 @@ def test_a_ratchet_that_ends_after_the_window_is_counted_and_logged(
     assert keeper.window_misses == 1
 
 
+def test_a_purge_reported_while_a_ratchet_runs_is_pending_from_its_own_time(
+    timed: tuple[EpochKeeper, ManualClock],
+) -> None:
+    """A delete settled just before a ratchet took the epoch reports its purge while the
+    ratchet runs: it stays pending (one more ratchet), timed from that report, not from
+    the earlier purges the ratchet covered."""
+    keeper, clock = timed
+    keeper.purged()  # t = 0
+    clock.advance(0.5)
+
+    def report_a_purge_midway(name: str) -> None:
+        if name == "keys_rewrapped":
+            clock.advance(0.2)
+            keeper.purged()  # t = 0.7
+            clock.advance(0.1)
+
+    keeper._phase_hook = report_a_purge_midway
+    keeper.ratchet_pending()  # 0.5 -> 0.8: inside the first purge's window
+    assert keeper.pending_since == pytest.approx(clock.now() - 0.1)
+    assert keeper.window_misses == 0
+
+    keeper._phase_hook = taking(clock, 0.4)
+    clock.advance(0.4)
+    keeper.ratchet_pending()  # 1.2 -> 1.6: inside the window of the purge at 0.7
+    assert keeper.pending_since is None
+    assert keeper.window_misses == 0
+
+
 def test_the_timer_counts_from_the_purge_not_from_when_it_woke() -> None:
     """A purge already older than the timer's lead when the timer looks at it (the timer
     was busy, or started late) is ratcheted at once: with a 60 s window, waiting half a

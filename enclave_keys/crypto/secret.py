@@ -234,12 +234,14 @@ _ARENA = _Arena()
 
 def _in_child() -> None:
     """Run first thing in a child after ``os.fork()``: the inherited secrets become unusable
-    (a new generation), new ones come from a new arena (the old one's lock may have been
-    held by a thread that does not exist here), and mappings the kernel does not wipe on
-    fork are zeroed now. Touches no lock: only this thread exists in the child."""
-    global _ARENA, _generation
+    (a new generation), new ones come from a new arena, the warning below gets a new lock
+    (the old locks may have been held by a thread that does not exist here), and mappings
+    the kernel does not wipe on fork are zeroed now. Takes no lock: only this thread
+    exists in the child."""
+    global _ARENA, _generation, _warn_lock
     _generation += 1
     _ARENA = _Arena()
+    _warn_lock = threading.Lock()
     for mapping in list(_UNWIPED_ON_FORK):
         with contextlib.suppress(ValueError):  # closed meanwhile
             mapping[:] = bytes(len(mapping))
