@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -42,11 +41,18 @@ from enclave_keys import __version__
 from enclave_keys.cli_logs import add_commands as add_log_commands
 from enclave_keys.crypto import read_wrapped_header
 from enclave_keys.epochs import slot_status
-from enclave_keys.errors import AlreadyInitialised, EnclaveKeysError, UnsealMismatch, UnwrapFailed
+from enclave_keys.errors import (
+    AlreadyInitialised,
+    DirectoryInUse,
+    EnclaveKeysError,
+    UnsealMismatch,
+    UnwrapFailed,
+)
 from enclave_keys.log import configure_logging
 from enclave_keys.master import MasterKeys
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore, Store
+from enclave_keys.store.claim import CLAIM_FILE, DirectoryClaim, claimed_by
 from enclave_keys.store.lmdb_store import DATA_FILE
 from enclave_keys.store.scrub import scrub
 from enclave_keys.store.slots import SLOT_FILE_NAME
@@ -60,7 +66,7 @@ from enclave_keys.unseal import (
     read_secret,
 )
 
-PID_FILE = "node.pid"
+PID_FILE = CLAIM_FILE
 _STORE_FILES = (DATA_FILE, "lock.mdb", SLOT_FILE_NAME)
 """The files a new store may have in its directory: LMDB's two and the epoch slot file."""
 PKCS11_MODULE_ENV = "ENCLAVE_KEYS_PKCS11_MODULE"
@@ -314,27 +320,8 @@ def _status(store: Store, data_dir: Path) -> dict[str, object]:
 
 
 def _running_pid(data_dir: Path) -> int | None:
-    """The pid of the node running on ``data_dir``: only while its pid file is locked.
-
-    ``run`` holds an exclusive ``flock`` on ``node.pid`` for its whole life, so a file
-    left behind by a killed node (whose pid may since belong to another process) is
-    never mistaken for a running node.
-    """
-    try:
-        fd = os.open(data_dir / PID_FILE, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return int(os.read(fd, 32).decode().strip() or 0) or None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None  # stale: nobody holds the lock
-    except ValueError:
-        return None
-    finally:
-        os.close(fd)
+    """The pid of the node running on ``data_dir`` (see :func:`claimed_by`)."""
+    return claimed_by(data_dir)
 
 
 def _refuse_if_running(data_dir: Path) -> None:
@@ -343,32 +330,21 @@ def _refuse_if_running(data_dir: Path) -> None:
         raise CliError(f"a node is running on {data_dir} (pid {pid}); stop it first")
 
 
-class _PidLock:
-    """``run``'s claim on a data directory: ``node.pid``, exclusively locked while held."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self._path = data_dir / PID_FILE
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise CliError(f"a node is already running on {data_dir}") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        self._path.unlink(missing_ok=True)
-        os.close(self._fd)  # closing drops the lock
+def _claim(data_dir: Path) -> DirectoryClaim:
+    """Hold ``data_dir`` as a node would (so that none starts meanwhile)."""
+    try:
+        return DirectoryClaim(data_dir)
+    except DirectoryInUse as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_scrub(args: argparse.Namespace, out: Printer) -> int:
     """Compact the LMDB file and overwrite the old one in place (the node must be stopped)."""
-    pid_lock = _PidLock(args.data_dir)  # no node may start while the file is replaced
+    claim = _claim(args.data_dir)  # no node may start while the file is replaced
     try:
         report = scrub(args.data_dir)
     finally:
-        pid_lock.release()
+        claim.release()
     out(f"scrubbed {args.data_dir}: {report.old_size} bytes overwritten, {report.new_size} kept")
     return 0
 
@@ -383,17 +359,14 @@ def cmd_seal(args: argparse.Namespace, out: Printer) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: Printer) -> int:
-    """Run a node until SIGTERM/SIGINT; SIGUSR1 seals, SIGUSR2 unseals again."""
-    pid_lock = _PidLock(args.data_dir)
-    try:
-        return _run(args, out)
-    finally:
-        pid_lock.release()
-
-
-def _run(args: argparse.Namespace, out: Printer) -> int:
+    """Run a node until SIGTERM/SIGINT; SIGUSR1 seals, SIGUSR2 unseals again. The node
+    holds the data directory (``node.pid``) from open to stop."""
+    _refuse_if_running(args.data_dir)  # before asking for a passphrase
     source = _source_for(_method_of(args.data_dir), args)
-    node = Node.open(args.data_dir, source, config=NodeConfig(runtime="pykka"))
+    try:
+        node = Node.open(args.data_dir, source, config=NodeConfig(runtime="pykka"))
+    except DirectoryInUse as exc:
+        raise CliError(str(exc)) from None
     # The handler only appends to a list: it takes no lock, so it cannot deadlock with
     # the interrupted main thread. The main loop sleeps one tick at a time and acts.
     requests: list[int] = []

@@ -109,6 +109,10 @@ class StoreUnavailable(StoreError):
     """The data directory cannot be opened (missing, foreign or damaged LMDB file)."""
 
 
+class DirectoryInUse(StoreUnavailable):
+    """Another node holds the data directory (one node per directory at a time)."""
+
+
 class CorruptSlot(StoreError):
     """An epoch slot record is malformed: wrong magic, version, length or checksum.
 

@@ -65,6 +65,7 @@ from enclave_keys.router import RouterCore
 from enclave_keys.runtime import DeterministicRuntime, PykkaRuntime, Runtime
 from enclave_keys.snapshot import NodeSnapshot
 from enclave_keys.store import LmdbStore, Store
+from enclave_keys.store.claim import DirectoryClaim
 from enclave_keys.unseal import CeremonyProgress, Enrolment, ShamirCeremony, UnsealSource
 from enclave_keys.unseal import record_names as unseal_records
 
@@ -129,6 +130,26 @@ class _Cores:
         return (self.router, self.round_cipher, self.keyshare, self.reaper)
 
 
+def _claim_and_open(where: Path) -> tuple[DirectoryClaim, LmdbStore]:
+    """The claim on ``where`` and its store: claimed first where the directory exists (so
+    that a second node is refused before it touches the store), else right after the
+    store has created it."""
+    claim = DirectoryClaim(where) if where.is_dir() else None
+    try:
+        store = LmdbStore.open(where)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+    if claim is None:
+        try:
+            claim = DirectoryClaim(where)
+        except BaseException:
+            store.close()
+            raise
+    return claim, store
+
+
 class Node:
     """One node: a store, a keyring, the lifecycle cores on a runtime. See the module doc."""
 
@@ -157,6 +178,7 @@ class Node:
         self._last_snapshot = 0
         self._last_snapshot_size = 0  # bytes of the newest snapshot written or restored
         self._stopped = False
+        self._claim: DirectoryClaim | None = None  # held by a node opened on a directory
 
     @classmethod
     def open(
@@ -167,14 +189,18 @@ class Node:
         clock: Clock | None = None,
         config: NodeConfig | None = None,
     ) -> Node:
-        """A node over the LMDB directory ``data_dir`` (created if missing).
+        """A node over the LMDB directory ``data_dir`` (created if missing), which it holds
+        until it stops: a second node on the same directory, in this process or another,
+        is refused with :class:`~enclave_keys.errors.DirectoryInUse`
+        (:mod:`enclave_keys.store.claim`).
 
         With an unseal source the node is initialised (first start) or unsealed, and
         started. Without one it stays sealed: submit key-ceremony shares with
         :meth:`submit_share`, or call :meth:`start` with a source.
         """
-        store = LmdbStore.open(Path(data_dir))
+        claim, store = _claim_and_open(Path(data_dir))
         node = cls(store, unseal, clock=clock, config=config, owns_store=True)
+        node._claim = claim
         try:
             if unseal is not None:
                 node.start()
@@ -656,6 +682,8 @@ class Node:
         self._shut_down(clean=clean)
         if self._owns_store:
             self._store.close()
+        if self._claim is not None:
+            self._claim.release()
 
     def _close_contexts(self) -> None:
         for rid in self._registry.round_ids():

@@ -5,6 +5,7 @@ accepts or what it leaves behind."""
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from enclave_keys.collector import _CollectorPause
+from enclave_keys.errors import DirectoryInUse
 from enclave_keys.store import LmdbStore
 from tests.node.conftest import NodeFactory, publish, request, rid
 
@@ -169,3 +171,19 @@ def test_a_node_start_leaves_the_collector_on_and_nothing_frozen(nodes: NodeFact
     assert gc.isenabled()
     assert gc.get_freeze_count() == 0
     assert node.recovery.hydrated == tuple(sorted(LIVE))
+
+
+def test_a_second_node_on_the_same_directory_is_refused(nodes: NodeFactory) -> None:
+    """Two nodes on one directory would each ratchet the storage epoch under the other's
+    keys: the second is refused, and leaves the first (and the store) as they were."""
+    first = nodes.open()
+    publish(first, request(rid("claimed:1")))
+
+    with pytest.raises(DirectoryInUse, match=f"pid {os.getpid()}"):
+        nodes.open()
+
+    publish(first, request(rid("claimed:2")))  # the first node is undisturbed
+    assert first.store.key_count() == 2
+    first.stop()
+    second = nodes.open()  # free again once the first has stopped
+    assert second.store.key_count() == 2

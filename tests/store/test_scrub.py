@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from enclave_keys.cli import _PidLock, main
+from enclave_keys.cli import main
 from enclave_keys.errors import StoreUnavailable
 from enclave_keys.ids import RoundId
 from enclave_keys.store import LmdbStore
 from enclave_keys.store import scrub as scrub_module
+from enclave_keys.store.claim import DirectoryClaim
 from enclave_keys.store.scrub import READY_DIR, TMP_DIR, scrub
 
 DELETED = b"\x5a" * 85
@@ -106,11 +107,11 @@ def test_scrub_needs_a_store(tmp_path: Path) -> None:
 
 def test_the_cli_scrubs_and_refuses_while_a_node_runs(store_dir: Path) -> None:
     lines: list[str] = []
-    lock = _PidLock(store_dir)
+    claim = DirectoryClaim(store_dir)  # as a running node holds it
     try:
         assert main(["scrub", "--data-dir", str(store_dir)], out=lines.append) != 0
     finally:
-        lock.release()
+        claim.release()
     assert DELETED in (store_dir / "data.mdb").read_bytes()
     assert main(["scrub", "--data-dir", str(store_dir)], out=lines.append) == 0
     assert lines[-1].startswith(f"scrubbed {store_dir}:")

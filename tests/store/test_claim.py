@@ -1,0 +1,103 @@
+"""One node per data directory: the claim (``node.pid`` under an exclusive ``flock``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from enclave_keys.errors import DirectoryInUse, StoreUnavailable
+from enclave_keys.store.claim import CLAIM_FILE, DirectoryClaim, claimed_by
+
+WAIT = 20.0
+
+
+def test_a_directory_is_claimed_once_and_free_again_after_release(tmp_path: Path) -> None:
+    assert claimed_by(tmp_path) is None
+    claim = DirectoryClaim(tmp_path)
+    assert (tmp_path / CLAIM_FILE).read_text() == f"{os.getpid()}\n"
+    assert claimed_by(tmp_path) == os.getpid()
+
+    with pytest.raises(DirectoryInUse, match=f"pid {os.getpid()}") as refused:
+        DirectoryClaim(tmp_path)  # a second claim in the same process: refused too
+    assert isinstance(refused.value, StoreUnavailable)
+
+    claim.release()
+    claim.release()  # idempotent
+    assert not (tmp_path / CLAIM_FILE).exists()
+    assert claimed_by(tmp_path) is None
+    DirectoryClaim(tmp_path).release()
+
+
+def test_a_claim_held_by_a_killed_process_is_free_at_once(tmp_path: Path) -> None:
+    """The kernel drops the lock with the process (SIGKILL included): the ``node.pid`` it
+    leaves behind counts for nothing, and the next claim takes the directory."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys
+                from pathlib import Path
+                from enclave_keys.store.claim import DirectoryClaim
+                claim = DirectoryClaim(Path({str(tmp_path)!r}))
+                print("held", flush=True)
+                sys.stdin.read()
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        assert claimed_by(tmp_path) == holder.pid
+        with pytest.raises(DirectoryInUse, match=f"pid {holder.pid}"):
+            DirectoryClaim(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(WAIT)
+
+    assert (tmp_path / CLAIM_FILE).exists()  # left behind, unlocked
+    assert claimed_by(tmp_path) is None
+    claim = DirectoryClaim(tmp_path)
+    assert claimed_by(tmp_path) == os.getpid()
+    claim.release()
+
+
+def test_a_lock_won_on_a_file_released_meanwhile_does_not_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claimant opens ``node.pid``; its holder releases (unlinking the file while still
+    holding it); another claim takes the new file; the first claimant's lock on the old
+    file then succeeds, and must not count: it tries again on the new file, and is
+    refused. Without that check two nodes would hold the directory at once."""
+    first = DirectoryClaim(tmp_path)
+    stale = os.open(tmp_path / CLAIM_FILE, os.O_RDWR)  # opened before the release
+    first.release()
+    current = DirectoryClaim(tmp_path)
+    real_open = os.open
+    opened: list[int] = []
+
+    def the_stale_file_first(path: object, flags: int, mode: int = 0o777) -> int:
+        fd = stale if not opened else real_open(path, flags, mode)  # type: ignore[arg-type]
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", the_stale_file_first)
+    with pytest.raises(DirectoryInUse):
+        DirectoryClaim(tmp_path)
+    monkeypatch.undo()
+
+    assert opened[0] == stale
+    assert len(opened) == 2  # it noticed, and tried the file that is there now
+    assert claimed_by(tmp_path) == os.getpid()
+    current.release()
