@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Final
 
-from enclave_keys.errors import DirectoryInUse
+from enclave_keys.errors import DirectoryInUse, StoreUnavailable
 
 __all__ = ["CLAIM_FILE", "DirectoryClaim", "claimed_by"]
 
@@ -33,7 +33,8 @@ class DirectoryClaim:
     __slots__ = ("_fd", "_path")
 
     def __init__(self, data_dir: Path) -> None:
-        """Claim ``data_dir`` (which must exist), or raise :class:`DirectoryInUse`."""
+        """Claim ``data_dir`` (which must exist), or raise :class:`DirectoryInUse` (held by
+        another node) or :class:`StoreUnavailable` (``node.pid`` cannot be opened)."""
         self._path = Path(data_dir) / CLAIM_FILE
         self._fd: int | None = _lock(self._path, data_dir)
         os.ftruncate(self._fd, 0)
@@ -60,7 +61,10 @@ def _lock(path: Path, data_dir: Path) -> int:
     while still holding it, so a lock won on a file that is no longer at ``path`` is
     worthless: then try again on the new file."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot claim {data_dir}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

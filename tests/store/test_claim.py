@@ -101,3 +101,11 @@ def test_a_lock_won_on_a_file_released_meanwhile_does_not_count(
     assert len(opened) == 2  # it noticed, and tried the file that is there now
     assert claimed_by(tmp_path) == os.getpid()
     current.release()
+
+
+def test_a_directory_that_cannot_hold_the_claim_is_a_typed_error(tmp_path: Path) -> None:
+    (tmp_path / CLAIM_FILE).mkdir()  # node.pid cannot be opened as a file
+    with pytest.raises(StoreUnavailable, match="cannot claim"):
+        DirectoryClaim(tmp_path)
+    with pytest.raises(StoreUnavailable, match="cannot claim"):
+        DirectoryClaim(tmp_path / "missing")
