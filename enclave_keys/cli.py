@@ -52,7 +52,7 @@ from enclave_keys.log import configure_logging
 from enclave_keys.master import MasterKeys
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore, Store
-from enclave_keys.store.claim import CLAIM_FILE, DirectoryClaim, claimed_by
+from enclave_keys.store.claim import CLAIM_FILE, DirectoryClaim, claim_holder
 from enclave_keys.store.lmdb_store import DATA_FILE
 from enclave_keys.store.scrub import scrub
 from enclave_keys.store.slots import SLOT_FILE_NAME
@@ -67,6 +67,8 @@ from enclave_keys.unseal import (
 )
 
 PID_FILE = CLAIM_FILE
+RUN_ROLE = "run"
+"""How ``run`` marks its claim: the only holder that handles SIGUSR1/SIGUSR2."""
 _STORE_FILES = (DATA_FILE, "lock.mdb", SLOT_FILE_NAME)
 """The files a new store may have in its directory: LMDB's two and the epoch slot file."""
 PKCS11_MODULE_ENV = "ENCLAVE_KEYS_PKCS11_MODULE"
@@ -320,27 +322,29 @@ def _status(store: Store, data_dir: Path) -> dict[str, object]:
 
 
 def _running_pid(data_dir: Path) -> int | None:
-    """The pid of the node running on ``data_dir`` (see :func:`claimed_by`)."""
-    return claimed_by(data_dir)
+    """The pid of the node (or tool) holding ``data_dir``, if it has written it."""
+    holder = claim_holder(data_dir)
+    return None if holder is None else holder.pid
 
 
 def _refuse_if_running(data_dir: Path) -> None:
-    pid = _running_pid(data_dir)
-    if pid is not None:
-        raise CliError(f"a node is running on {data_dir} (pid {pid}); stop it first")
+    holder = claim_holder(data_dir)
+    if holder is not None:
+        pid = "pid unknown" if holder.pid is None else f"pid {holder.pid}"
+        raise CliError(f"a node is running on {data_dir} ({pid}); stop it first")
 
 
-def _claim(data_dir: Path) -> DirectoryClaim:
+def _claim(data_dir: Path, role: str) -> DirectoryClaim:
     """Hold ``data_dir`` as a node would (so that none starts meanwhile)."""
     try:
-        return DirectoryClaim(data_dir)
+        return DirectoryClaim(data_dir, role)
     except DirectoryInUse as exc:
         raise CliError(str(exc)) from None
 
 
 def cmd_scrub(args: argparse.Namespace, out: Printer) -> int:
     """Compact the LMDB file and overwrite the old one in place (the node must be stopped)."""
-    claim = _claim(args.data_dir)  # no node may start while the file is replaced
+    claim = _claim(args.data_dir, "scrub")  # no node may start while the file is replaced
     try:
         report = scrub(args.data_dir)
     finally:
@@ -350,11 +354,18 @@ def cmd_scrub(args: argparse.Namespace, out: Printer) -> int:
 
 
 def cmd_seal(args: argparse.Namespace, out: Printer) -> int:
-    pid = _running_pid(args.data_dir)
-    if pid is None:
+    holder = claim_holder(args.data_dir)
+    if holder is None:
         raise CliError(f"no node is running on {args.data_dir}")
-    os.kill(pid, signal.SIGUSR1)
-    out(f"asked node {pid} to seal")
+    if holder.role != RUN_ROLE or holder.pid is None:
+        # Only `run` handles SIGUSR1: to any other holder (a program embedding a node,
+        # another command) the signal would be fatal, with no seal and no clean stop.
+        raise CliError(
+            f"{args.data_dir} is held by a process that is not `enclave-keys run`"
+            f" (pid {holder.pid}, {holder.role}); seal it from that process"
+        )
+    os.kill(holder.pid, signal.SIGUSR1)
+    out(f"asked node {holder.pid} to seal")
     return 0
 
 
@@ -367,6 +378,8 @@ def cmd_run(args: argparse.Namespace, out: Printer) -> int:
         node = Node.open(args.data_dir, source, config=NodeConfig(runtime="pykka"))
     except DirectoryInUse as exc:
         raise CliError(str(exc)) from None
+    if node.claim is not None:
+        node.claim.describe(RUN_ROLE)  # `seal` signals only a holder marked so
     # The handler only appends to a list: it takes no lock, so it cannot deadlock with
     # the interrupted main thread. The main loop sleeps one tick at a time and acts.
     requests: list[int] = []

@@ -220,6 +220,12 @@ class Node:
         return self._config
 
     @property
+    def claim(self) -> DirectoryClaim | None:
+        """The claim this node holds on its directory (None for a node over a store it
+        was given rather than a directory it opened)."""
+        return self._claim
+
+    @property
     def registry(self) -> ContextRegistry:
         """The open round contexts: resolve a round's cipher with ``ROUND_CIPHER``."""
         return self._registry

@@ -31,7 +31,7 @@ from typing import Final, TypeVar
 import lmdb
 import structlog
 
-from enclave_keys.errors import CorruptRecord, StoreError, StoreUnavailable
+from enclave_keys.errors import CorruptRecord, DirectoryInUse, StoreError, StoreUnavailable
 from enclave_keys.store import records
 from enclave_keys.store.api import (
     DeleteKey,
@@ -43,8 +43,9 @@ from enclave_keys.store.api import (
     PutSnapshot,
 )
 from enclave_keys.store.base import StoreBase
+from enclave_keys.store.claim import DirectoryClaim, held_here
 from enclave_keys.store.locks import SharedExclusiveLock
-from enclave_keys.store.scrub import finish_pending_scrub
+from enclave_keys.store.scrub import finish_pending_scrub, scrub_pending
 from enclave_keys.store.slots import SlotFile
 
 _log = structlog.get_logger(__name__)
@@ -353,11 +354,32 @@ class LmdbStore(StoreBase):
 # --- opening ----------------------------------------------------------------------------
 
 
+def _finish_scrub_if_ours(path: Path) -> None:
+    """Finish a scrub a crash interrupted — but never one that is still running. A scrub
+    runs holding the directory's claim, so the scrub is finished only by a process that
+    holds the claim already (a node opening its store) or can take it for the moment
+    (a read-only tool after a crash); otherwise it is left to its owner."""
+    if not scrub_pending(path):
+        return
+    if held_here(path):
+        finish_pending_scrub(path)
+        return
+    try:
+        claim = DirectoryClaim(path, "scrub")
+    except DirectoryInUse:
+        _log.info("scrub_left_to_its_owner", path=str(path))
+        return
+    try:
+        finish_pending_scrub(path)
+    finally:
+        claim.release()
+
+
 def _open_environment(path: Path, map_size: int, *, create: bool) -> lmdb.Environment:
     """Check the directory, then open it as an LMDB environment, durability on."""
     data_file = path / DATA_FILE
     if path.is_dir():
-        finish_pending_scrub(path)
+        _finish_scrub_if_ours(path)
     if path.exists() and not path.is_dir():
         raise StoreUnavailable(f"{path} is not a directory, so not an enclave_keys store")
     if not path.exists():

@@ -30,7 +30,7 @@ import structlog
 
 from enclave_keys.errors import StoreUnavailable
 
-__all__ = ["ScrubReport", "finish_pending_scrub", "scrub"]
+__all__ = ["ScrubReport", "finish_pending_scrub", "scrub", "scrub_pending"]
 
 _log = structlog.get_logger(__name__)
 
@@ -88,6 +88,12 @@ def _install(directory: Path, used: int | None = None) -> int:
     shutil.rmtree(ready)
     _fsync_dir(directory)
     return overwritten
+
+
+def scrub_pending(directory: Path) -> bool:
+    """Whether a scrub left its working directories in ``directory`` (running, or cut
+    short by a crash)."""
+    return (directory / TMP_DIR).exists() or (directory / READY_DIR).exists()
 
 
 def finish_pending_scrub(directory: Path) -> bool:

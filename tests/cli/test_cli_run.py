@@ -35,7 +35,7 @@ def test_run_seal_unseal_and_terminate(
     node = spawn(passphrase_dir, [PASSPHRASE])
     running = node.expect("node running")
     assert running == f"node running on {passphrase_dir} (pid {node.pid})"
-    assert (passphrase_dir / PID_FILE).read_text() == f"{node.pid}\n"
+    assert (passphrase_dir / PID_FILE).read_text() == f"{node.pid} run\n"
     status = cli.status(passphrase_dir)
     assert status["running_pid"] == node.pid
     assert status["live_round_keys"] == len(rounds)
@@ -156,3 +156,36 @@ def test_a_stale_pid_file_naming_another_process_is_not_a_running_node(
         if bystander.stdin is not None:
             bystander.stdin.close()
         bystander.wait(timeout=WAIT)
+
+
+def test_seal_signals_only_a_run_process_never_another_holder(
+    cli: Cli, passphrase_dir: Path
+) -> None:
+    """A program embedding a node holds the directory too, but does not handle SIGUSR1:
+    `seal` must not send it (the signal would kill it, with no seal and no clean stop)."""
+    embedder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from enclave_keys.store.claim import DirectoryClaim; "
+            f"claim = DirectoryClaim(Path({str(passphrase_dir)!r})); "
+            "print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert embedder.stdout is not None
+        assert embedder.stdout.readline() == "held\n"
+        assert cli.status(passphrase_dir)["running_pid"] == embedder.pid
+        seal = cli("seal", "--data-dir", passphrase_dir)
+        assert seal.code == 2
+        assert "not `enclave-keys run`" in seal.everything()
+        assert embedder.poll() is None  # not signalled
+    finally:
+        if embedder.stdin is not None:
+            embedder.stdin.close()
+        embedder.wait(timeout=WAIT)
+    assert embedder.returncode == 0

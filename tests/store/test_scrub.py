@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,34 @@ def test_the_cli_scrubs_and_refuses_while_a_node_runs(store_dir: Path) -> None:
     assert main(["scrub", "--data-dir", str(store_dir)], out=lines.append) == 0
     assert lines[-1].startswith(f"scrubbed {store_dir}:")
     assert DELETED not in (store_dir / "data.mdb").read_bytes()
+
+
+def test_a_reader_leaves_a_running_scrub_alone(store_dir: Path) -> None:
+    """A scrub runs holding the directory's claim: a read-only tool opening the store
+    meanwhile (``status``, ``inspect``) must not "finish" it under the scrubbing process.
+    Once the holder is gone (killed), the next open finishes it as after a crash."""
+    (store_dir / TMP_DIR).mkdir()
+    (store_dir / TMP_DIR / "data.mdb").write_bytes(b"a copy being written")
+    scrubber = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from enclave_keys.store.claim import DirectoryClaim; "
+            f"claim = DirectoryClaim(Path({str(store_dir)!r}), 'scrub'); "
+            "print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert scrubber.stdout is not None
+        assert scrubber.stdout.readline() == "held\n"
+        before = contents(store_dir)  # a read-only open beside the scrub
+        assert (store_dir / TMP_DIR / "data.mdb").read_bytes() == b"a copy being written"
+    finally:
+        scrubber.send_signal(signal.SIGKILL)
+        scrubber.wait(timeout=20.0)
+    assert contents(store_dir) == before  # the scrubber died: this open cleans up
+    assert not (store_dir / TMP_DIR).exists()
