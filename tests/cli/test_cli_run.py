@@ -14,6 +14,7 @@ from pathlib import Path
 
 from enclave_keys.cli import PID_FILE
 from enclave_keys.unseal import PassphraseUnseal
+from tests.claims import claimed_elsewhere
 from tests.cli.conftest import (
     NEW_PASSPHRASE,
     PASSPHRASE,
@@ -163,29 +164,9 @@ def test_seal_signals_only_a_run_process_never_another_holder(
 ) -> None:
     """A program embedding a node holds the directory too, but does not handle SIGUSR1:
     `seal` must not send it (the signal would kill it, with no seal and no clean stop)."""
-    embedder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; "
-            "from enclave_keys.store.claim import DirectoryClaim; "
-            f"claim = DirectoryClaim(Path({str(passphrase_dir)!r})); "
-            "print('held', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert embedder.stdout is not None
-        assert embedder.stdout.readline() == "held\n"
+    with claimed_elsewhere(passphrase_dir) as embedder:
         assert cli.status(passphrase_dir)["running_pid"] == embedder.pid
         seal = cli("seal", "--data-dir", passphrase_dir)
         assert seal.code == 2
         assert "not `enclave-keys run`" in seal.everything()
         assert embedder.poll() is None  # not signalled
-    finally:
-        if embedder.stdin is not None:
-            embedder.stdin.close()
-        embedder.wait(timeout=WAIT)
-    assert embedder.returncode == 0

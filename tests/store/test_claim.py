@@ -5,10 +5,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import pytest
 
 from enclave_keys.errors import DirectoryInUse, StoreUnavailable
 from enclave_keys.store.claim import CLAIM_FILE, ClaimHolder, DirectoryClaim, claim_holder
+from tests.claims import claimed_elsewhere
 
 WAIT = 20.0
 
@@ -42,34 +39,10 @@ def test_a_directory_is_claimed_once_and_free_again_after_release(tmp_path: Path
 def test_a_claim_held_by_a_killed_process_is_free_at_once(tmp_path: Path) -> None:
     """The kernel drops the lock with the process (SIGKILL included): the ``node.pid`` it
     leaves behind counts for nothing, and the next claim takes the directory."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                f"""
-                import sys
-                from pathlib import Path
-                from enclave_keys.store.claim import DirectoryClaim
-                claim = DirectoryClaim(Path({str(tmp_path)!r}))
-                print("held", flush=True)
-                sys.stdin.read()
-                """
-            ),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline() == "held\n"
+    with claimed_elsewhere(tmp_path) as holder:
         assert claim_holder(tmp_path) == ClaimHolder(holder.pid, "node")
         with pytest.raises(DirectoryInUse, match=f"pid {holder.pid}"):
             DirectoryClaim(tmp_path)
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(WAIT)
 
     assert (tmp_path / CLAIM_FILE).exists()  # left behind, unlocked
     assert claim_holder(tmp_path) is None

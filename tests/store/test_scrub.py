@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from enclave_keys.store import LmdbStore
 from enclave_keys.store import scrub as scrub_module
 from enclave_keys.store.claim import DirectoryClaim
 from enclave_keys.store.scrub import READY_DIR, TMP_DIR, scrub
+from tests.claims import claimed_elsewhere
 
 DELETED = b"\x5a" * 85
 KEPT = b"\xa5" * 85
@@ -127,26 +125,8 @@ def test_a_reader_leaves_a_running_scrub_alone(store_dir: Path) -> None:
     Once the holder is gone (killed), the next open finishes it as after a crash."""
     (store_dir / TMP_DIR).mkdir()
     (store_dir / TMP_DIR / "data.mdb").write_bytes(b"a copy being written")
-    scrubber = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; "
-            "from enclave_keys.store.claim import DirectoryClaim; "
-            f"claim = DirectoryClaim(Path({str(store_dir)!r}), 'scrub'); "
-            "print('held', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert scrubber.stdout is not None
-        assert scrubber.stdout.readline() == "held\n"
+    with claimed_elsewhere(store_dir, "scrub"):
         before = contents(store_dir)  # a read-only open beside the scrub
         assert (store_dir / TMP_DIR / "data.mdb").read_bytes() == b"a copy being written"
-    finally:
-        scrubber.send_signal(signal.SIGKILL)
-        scrubber.wait(timeout=20.0)
     assert contents(store_dir) == before  # the scrubber died: this open cleans up
     assert not (store_dir / TMP_DIR).exists()
