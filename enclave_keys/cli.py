@@ -45,6 +45,7 @@ from enclave_keys.errors import (
     AlreadyInitialised,
     DirectoryInUse,
     EnclaveKeysError,
+    StoreUnavailable,
     UnsealMismatch,
     UnwrapFailed,
 )
@@ -158,18 +159,23 @@ def _open_node(args: argparse.Namespace, out: Printer) -> Node:
 def cmd_init(args: argparse.Namespace, out: Printer) -> int:
     """Initialise ``args.data_dir``: nothing is written until the secrets are in and valid.
 
-    An initialised directory is refused first; then the enrolment (passphrase twice,
-    share scheme, PKCS#11 token, environment key) is taken and checked; only then is the
-    store created. If that fails, the store files and directories this command created
-    are removed again; the root key is wiped on every path.
+    A directory a node holds, or an initialised one, is refused first; then the
+    enrolment (passphrase twice, share scheme, PKCS#11 token, environment key) is taken
+    and checked; only then is the directory claimed (as ``init``: no node opens it
+    meanwhile, and a node that took it since is not written under) and the store created.
+    If that fails, the store files and directories this command created are removed
+    again; the root key is wiped on every path.
     """
+    _refuse_if_running(args.data_dir)  # before any secret is asked for
     if _is_initialised(args.data_dir):
         raise CliError(f"{args.data_dir} is already initialised")
     method = {"shares": "shamir"}.get(args.method, args.method)
     enrolment, shares = _enrol(args)
     with enrolment:  # wipes the root key on every path (MasterKeys also wipes its copy)
         created = _NewStoreFiles(args.data_dir)
+        claim = _claim_new(args.data_dir, created)
         try:
+            created.add_missing_files()  # under the claim: no node or tool makes them now
             with LmdbStore.open(args.data_dir) as store:
                 master = MasterKeys.initialise(store, enrolment.root, method, enrolment.records)
                 try:
@@ -179,8 +185,11 @@ def cmd_init(args: argparse.Namespace, out: Printer) -> int:
         except AlreadyInitialised:
             raise  # initialised meanwhile by another process: its files, not ours
         except BaseException:
+            claim.release()  # first: its file goes with it, so an emptied directory can go
             created.remove()
             raise
+        finally:
+            claim.release()
     out(f"initialised {args.data_dir}: method {method}, KEK v{version.number} active")
     _print_shares(shares, out)
     return 0
@@ -206,16 +215,24 @@ def _enrol(args: argparse.Namespace) -> tuple[Enrolment, list[str]]:
 
 
 class _NewStoreFiles:
-    """The store files and directories missing from ``data_dir`` when it is made: what a
-    failed ``init`` removes again (never a file or directory that was already there)."""
+    """The directories and store files missing from ``data_dir`` when ``init`` makes them:
+    what a failed ``init`` removes again (never a file or directory that was there)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self._files = [data_dir / name for name in _STORE_FILES if not (data_dir / name).exists()]
+        self._data_dir = data_dir
+        self._files: list[Path] = []
         self._dirs: list[Path] = []  # the deepest first
         for path in (data_dir, *data_dir.parents):
             if path.exists():
                 break
             self._dirs.append(path)
+
+    def add_missing_files(self) -> None:
+        """Note the store files missing now (called under the directory's claim, so that
+        none another process makes meanwhile is taken for ours)."""
+        self._files = [
+            self._data_dir / name for name in _STORE_FILES if not (self._data_dir / name).exists()
+        ]
 
     def remove(self) -> None:
         """Best effort, never raising (the caller re-raises the error that made it clean
@@ -228,6 +245,20 @@ class _NewStoreFiles:
                 path.rmdir()
             except OSError:
                 return
+
+
+def _claim_new(data_dir: Path, created: _NewStoreFiles) -> DirectoryClaim:
+    """``data_dir``'s claim for ``init``, the directory made first if missing. If it
+    cannot be had, the directories just made are removed again (only if still empty)."""
+    try:
+        try:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create store directory {data_dir}: {exc}") from None
+        return _claim(data_dir, "init")
+    except BaseException:
+        created.remove()
+        raise
 
 
 def _scheme(text: str) -> tuple[int, int]:

@@ -5,7 +5,7 @@ append to the log and each ratchet the storage epoch, destroying the epoch key t
 still wraps new round keys under: those keys would be lost at the next start. So a node
 holds an exclusive ``flock`` on ``node.pid`` in its directory from open to stop, and a
 second one is refused with :class:`DirectoryInUse`. The file names the holder: its pid and
-its role (``node`` for any ``Node.open``; the CLI marks ``run`` and ``scrub``), as
+its role (``node`` for any ``Node.open``; the CLI marks ``run``, ``scrub`` and ``init``), as
 ``"<pid> <role>\\n"``.
 
 The kernel drops the lock when the holder's file is closed or its process dies, even by

@@ -9,15 +9,22 @@ removed again (and only those), and the new root key is wiped on every path.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from enclave_keys.cli import PKCS11_MODULE_ENV
 from enclave_keys.errors import StoreError
 from enclave_keys.master import MasterKeys
+from enclave_keys.store.claim import CLAIM_FILE, ClaimHolder, claim_holder
 from enclave_keys.unseal import Enrolment, PassphraseUnseal
 from enclave_keys.unseal.env import DEFAULT_ENV_VARIABLE
+from tests.claims import claimed_elsewhere
 from tests.cli.conftest import NEW_PASSPHRASE, PASSPHRASE, TOKEN, Cli, read_store
 from tests.cli.test_cli import data_hash, error_class
 
@@ -196,3 +203,105 @@ def test_a_good_init_still_initialises_and_wipes_the_root(
     (enrolment,) = enrolments
     assert enrolment.root.is_wiped
     assert cli("unseal", "--data-dir", data_dir, secrets=[PASSPHRASE]).code == 0
+
+
+# --- one process on a data directory ---------------------------------------------------------
+
+
+def test_a_directory_a_node_holds_is_refused_before_any_secret_is_asked_for(
+    cli: Cli, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node may hold a directory it opened uninitialised (sealed): init must not write
+    a store under it."""
+    data_dir.mkdir()
+    prompt_answers(monkeypatch)  # any prompt fails the test
+    with claimed_elsewhere(data_dir) as holder:
+        result = cli("init", "passphrase", "--data-dir", data_dir)
+        assert result.code == 2
+        assert error_class(result, "init") == "CliError"
+        assert f"pid {holder.pid}" in result.err
+        assert sorted(path.name for path in data_dir.iterdir()) == [CLAIM_FILE]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-dir"])
+def test_a_node_that_took_the_directory_meanwhile_keeps_it(
+    cli: Cli,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    enrolments: list[Enrolment],
+    existing: bool,
+) -> None:
+    """The holder appeared after the first check (while the secrets were entered): the
+    claim refuses init, which writes and removes nothing of the holder's."""
+    data_dir = tmp_path / "parent" / "node"
+    data_dir.mkdir(parents=True)
+    theirs = data_dir / "data.mdb"
+    with claimed_elsewhere(data_dir), monkeypatch.context() as patch:
+        theirs.write_bytes(b"the holder's store, mid-creation")
+        if not existing:
+            # As the directory looked before the holder made it (and its files).
+            patch.setattr(Path, "exists", _absent_under(data_dir.parent, Path.exists))
+        patch.setattr("enclave_keys.cli._refuse_if_running", lambda data_dir: None)
+        patch.setattr("enclave_keys.cli._is_initialised", lambda data_dir: False)
+        result = cli("init", "passphrase", "--data-dir", data_dir, secrets=[PASSPHRASE])
+        patch.undo()
+        assert result.code == 2
+        assert error_class(result, "init") == "CliError"
+        assert "is in use by" in result.err
+        assert theirs.read_bytes() == b"the holder's store, mid-creation"
+        assert sorted(path.name for path in data_dir.iterdir()) == ["data.mdb", CLAIM_FILE]
+    (enrolment,) = enrolments
+    assert enrolment.root.is_wiped
+
+
+def _absent_under(root: Path, exists: Callable[[Path], bool]) -> Callable[[Path], bool]:
+    def seen_as_absent(path: Path) -> bool:
+        return False if path == root or root in path.parents else exists(path)
+
+    return seen_as_absent
+
+
+def test_init_holds_the_directory_while_it_writes(
+    cli: Cli, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No node can open the directory while init writes the master key records, and
+    init leaves no claim behind."""
+    original = MasterKeys.initialise
+    seen: list[tuple[ClaimHolder | None, str]] = []
+
+    def initialise(*args: Any, **kwargs: Any) -> MasterKeys:
+        seen.append((claim_holder(data_dir), _second_claimant(data_dir)))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(MasterKeys, "initialise", initialise)
+    result = cli("init", "passphrase", "--data-dir", data_dir, secrets=[PASSPHRASE])
+    assert result.code == 0, result.err
+    ((holder, second),) = seen
+    assert holder == ClaimHolder(os.getpid(), "init")
+    assert second == "DirectoryInUse"
+    assert claim_holder(data_dir) is None
+    assert {path.name for path in data_dir.iterdir()} == STORE_FILES
+    assert cli("unseal", "--data-dir", data_dir, secrets=[PASSPHRASE]).code == 0
+
+
+def _second_claimant(data_dir: Path) -> str:
+    """What a node in another process gets when it opens ``data_dir`` now."""
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from enclave_keys.store.claim import DirectoryClaim\n"
+        "try:\n"
+        "    DirectoryClaim(Path(sys.argv[1]))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "else:\n"
+        "    print('claimed')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.strip()
