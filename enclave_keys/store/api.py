@@ -48,6 +48,14 @@ class PutKeys:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplaceKeys:
+    """A ratchet's rewrap written back beside live traffic: ``(key, expected, blob)``
+    triples; each key gets ``blob`` only if it still holds exactly ``expected``."""
+
+    triples: tuple[tuple[bytes, bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DeleteKey:
     key: bytes
 
@@ -69,7 +77,7 @@ class DeleteMeta:
     key: bytes
 
 
-Operation = PutKey | PutKeys | DeleteKey | PutSnapshot | PutMeta | DeleteMeta
+Operation = PutKey | PutKeys | ReplaceKeys | DeleteKey | PutSnapshot | PutMeta | DeleteMeta
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +201,26 @@ class WriteBatch:
             check_id(pair[0])
             check_blob(pair[1])
         self._operations.append(PutKeys(checked))
+
+    def replace_key_records(self, triples: Iterable[tuple[bytes, bytes, bytes]]) -> None:
+        """For each ``(round id bytes, expected, blob)`` tuple: the key gets ``blob`` if,
+        when the batch commits, it still holds exactly ``expected`` — a key deleted or
+        written meanwhile is left as it is. One operation: an epoch change rewraps the
+        live keys outside any lock, then writes back only those nothing changed since
+        (a deleted key must never come back). Checked like :meth:`put_key_records`."""
+        self._check_open()
+        try:
+            checked = tuple(triples)
+        except TypeError:
+            raise StoreError("replace_key_records takes an iterable of triples") from None
+        check_id, check_blob = records.check_round_id_bytes, records.check_blob
+        for triple in checked:
+            if type(triple) is not tuple or len(triple) != 3:
+                raise StoreError("replace_key_records takes (round id bytes, expected, blob)")
+            check_id(triple[0])
+            check_blob(triple[1])
+            check_blob(triple[2])
+        self._operations.append(ReplaceKeys(checked))
 
     def delete_key(self, round_id: RoundId) -> None:
         """Delete a round's wrapped key; deleting a missing key is not an error."""

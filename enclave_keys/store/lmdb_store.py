@@ -41,6 +41,7 @@ from enclave_keys.store.api import (
     PutKeys,
     PutMeta,
     PutSnapshot,
+    ReplaceKeys,
 )
 from enclave_keys.store.base import StoreBase
 from enclave_keys.store.claim import DirectoryClaim, held_here
@@ -247,6 +248,11 @@ class LmdbStore(StoreBase):
                     txn.put(key, blob, db=self._round_keys)
                 case PutKeys(pairs):
                     txn.cursor(db=self._round_keys).putmulti(pairs)
+                case ReplaceKeys(triples):
+                    cursor = txn.cursor(db=self._round_keys)
+                    get = cursor.get
+                    unchanged = [(key, blob) for key, old, blob in triples if get(key) == old]
+                    cursor.putmulti(unchanged)
                 case DeleteKey(key):
                     txn.delete(key, db=self._round_keys)
                 case PutSnapshot(sequence, data):

@@ -24,6 +24,7 @@ from enclave_keys.store.api import (
     PutKeys,
     PutMeta,
     PutSnapshot,
+    ReplaceKeys,
     snapshots_to_prune,
 )
 from enclave_keys.store.base import StoreBase
@@ -96,6 +97,9 @@ class MemoryStore(StoreBase):
                         data.round_keys[key] = blob
                     case PutKeys(pairs):
                         data.round_keys.update(pairs)
+                    case ReplaceKeys(triples):
+                        keys = data.round_keys
+                        keys.update([(k, new) for k, old, new in triples if keys.get(k) == old])
                     case DeleteKey(key):
                         data.round_keys.pop(key, None)
                     case PutSnapshot(sequence, snapshot):

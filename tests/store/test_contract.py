@@ -330,6 +330,28 @@ def test_round_key_records_are_the_keys_as_stored(store: Store) -> None:
     assert store.list_keys() == [(R1, b"one?")]
 
 
+def test_replaced_key_records_change_only_keys_still_as_expected(store: Store) -> None:
+    """What a ratchet writes back beside live traffic: a key deleted or rewritten since it
+    was read keeps what it has now (a deleted key never comes back)."""
+    store.put_key(R1, b"one")
+    store.put_key(R2, b"two")
+    store.put_key(R3, b"three")
+    records = dict(store.list_key_records())
+    store.put_key(R2, b"two, rewritten")
+    store.delete_key(R3)
+    with store.write() as batch:
+        batch.delete_key(R1)  # earlier in the same batch: seen by the replace
+        batch.put_key(R1, b"one, again")
+        batch.replace_key_records(
+            [(raw, blob, blob + b" rewrapped") for raw, blob in sorted(records.items())]
+            + [(b"never-stored", b"x", b"y")]
+        )
+    assert store.list_keys() == [(R1, b"one, again"), (R2, b"two, rewritten")]
+    with store.write() as batch:
+        batch.replace_key_records([(R2.to_bytes(), b"two, rewritten", b"two, rewrapped")])
+    assert store.get_key(R2) == b"two, rewrapped"
+
+
 def test_snapshots_keep_the_newest_three_by_default(store: Store) -> None:
     store.append_events(make_events(1, 10))
     for sequence in (2, 4, 6, 8):
@@ -472,6 +494,14 @@ INVALID: list[Any] = [
     ("put_key_records", ([(b"r1", b"k"), (b"r2",)],), StoreError),
     ("put_key_records", ([b"r1"],), StoreError),
     ("put_key_records", (None,), StoreError),
+    ("replace_key_records", ([(R1, b"k", b"l")],), InvalidIdentifier),
+    ("replace_key_records", ([(b"-r1", b"k", b"l")],), InvalidIdentifier),
+    ("replace_key_records", ([(b"r1", b"", b"l")],), StoreError),
+    ("replace_key_records", ([(b"r1", b"k", b"")],), StoreError),
+    ("replace_key_records", ([(b"r1", b"k", "l")],), StoreError),
+    ("replace_key_records", ([(b"r1", b"k", b"l"), (b"r2", b"k")],), StoreError),
+    ("replace_key_records", ([[b"r1", b"k", b"l"]],), StoreError),
+    ("replace_key_records", (None,), StoreError),
     ("delete_key", (None,), InvalidIdentifier),
     ("put_snapshot", (-1, b"s"), InvalidIdentifier),
     ("put_snapshot", (2**64, b"s"), InvalidIdentifier),
