@@ -11,11 +11,16 @@ bring it back.
 
 One epoch change, crash-safe at every step (``docs/key-hierarchy.md``)::
 
-    1. write the new epoch key to the *other* slot (sequence + 1), fdatasync
+    1. write the new epoch key to the *other* slot (sequence + 1), fdatasync;
+       it becomes current: new round keys wrap under it
                                                -> both slots valid
-    2. rewrap every live round key, one LMDB commit
+    2. rewrap every live round key under the old epoch, beside live traffic;
+       one LMDB commit writes back those still as listed
     3. overwrite the old slot with zeros, fdatasync
                                                -> old epoch key destroyed
+
+Only step 1 keeps wraps and deletes out (the exclusive section of the epoch gate): a
+ratchet over 100,000 live keys does not stall round creation and purges for its rewrap.
 
 At open, :meth:`EpochKeeper.open` finishes an interrupted change: with two usable slots
 it rewraps whatever is still under the older epoch, then wipes the older slot (roll
@@ -24,15 +29,15 @@ KEK version the keyring does not have (a KEK rotation that did not commit), is w
 
 A KEK rotation is an epoch change too (:meth:`EpochKeeper.rotate_kek`): the new epoch key
 is wrapped under the new KEK, and the keyring commits in the same LMDB transaction as the
-rewrapped round keys.
+rewrapped round keys, all under the exclusive section.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -57,7 +62,9 @@ from enclave_keys.crypto import (
 from enclave_keys.errors import (
     CorruptSlot,
     KekRetired,
+    LeaseTimeout,
     RatchetFailed,
+    Sealed,
     StoreUnavailable,
     UnknownEpoch,
     UnknownKekVersion,
@@ -129,26 +136,39 @@ class _Slot:
 
 class _Rewrap(KekDependent):
     """An epoch change staged for a KEK rotation: the new slot is written, the rewrapped
-    keys wait for the rotation's commit."""
+    keys wait for the rotation's commit (all under the exclusive section)."""
 
     def __init__(self, keeper: EpochKeeper, new: EpochKey, kek_version: KekVersion) -> None:
         self._keeper = keeper
         self._new = new
         self._kek_version = kek_version
-        self._blobs: list[tuple[bytes, bytes]] = []
+        self._rewrapped = 0
         self._skipped = 0
 
     def write(self, batch: WriteBatch) -> int:
-        self._blobs, self._skipped = self._keeper._rewrapped(self._new)
-        batch.put_key_records(self._blobs)
-        return len(self._blobs)
+        triples, self._skipped = self._keeper._rewrapped(self._keeper._live(), self._new)
+        batch.replace_key_records(triples)
+        self._rewrapped = len(triples)
+        return self._rewrapped
 
     def committed(self) -> None:
-        self._keeper._phase("keys_rewrapped")
-        self._keeper._finish(self._new, self._kek_version, len(self._blobs), self._skipped, "kek")
+        keeper = self._keeper
+        keeper._phase("keys_rewrapped")
+        retiring = keeper._switch(self._new, self._kek_version, covering=None)
+        keeper._retire(retiring, self._rewrapped, self._skipped, "kek", exclusive_held=True)
 
     def aborted(self) -> None:
         self._keeper._roll_back(self._new)
+
+
+@dataclass(slots=True)
+class _Retiring:
+    """The old epoch of a change begun: the new epoch is current and both slots hold a
+    key; the old one is destroyed once every live key under it is rewrapped."""
+
+    key: EpochKey
+    index: int
+    covering: float | None  # monotonic time of the first purge the change covers
 
 
 CLEAN_RECORD: Final = "epoch.clean"
@@ -203,8 +223,10 @@ class EpochKeeper:
         self._phase_hook = phase_hook
         self._monotonic = monotonic
         self._gate = LeaseGate("storage epoch")
+        self._changing = threading.Lock()  # one epoch change (ratchet, rotation) at a time
         self._lock = threading.Lock()  # guards the fields below
         self._current: EpochKey | None = None
+        self._retiring: _Retiring | None = None  # a change begun, not yet finished
         self._index = 0
         self._sequence = 0
         self._kek_version = KekVersion(1)
@@ -289,7 +311,11 @@ class EpochKeeper:
         """
         with self._gate.exclusive(self._lease_timeout):
             with self._lock:
-                if self._pending_since is not None or self._current is None:
+                if (
+                    self._pending_since is not None
+                    or self._retiring is not None
+                    or self._current is None
+                ):
                     return False
                 number = self._current.number
                 self._marked_clean = True
@@ -479,10 +505,13 @@ class EpochKeeper:
 
     def epoch_for(self, number: EpochNumber) -> AbstractContextManager[EpochKey]:
         def live_as_numbered() -> EpochKey:
-            current = self._live()
-            if number != current.number:
-                raise UnknownEpoch(f"storage epoch {number} is destroyed or unknown")
-            return current
+            with self._lock:
+                current, retiring = self._live_locked(), self._retiring
+            if number == current.number:
+                return current
+            if retiring is not None and number == retiring.key.number:
+                return retiring.key  # mid-change: not destroyed until its keys are rewrapped
+            raise UnknownEpoch(f"storage epoch {number} is destroyed or unknown")
 
         return self._gate.leased(self._lease_timeout, live_as_numbered)
 
@@ -521,35 +550,83 @@ class EpochKeeper:
     def ratchet_pending(self) -> EpochChange | None:
         """Ratchet now if any purge is not yet covered (clean stop, seal)."""
         with self._lock:
-            pending = self._pending_since is not None
+            pending = self._pending_since is not None or self._retiring is not None
         return self.ratchet("pending") if pending else None
 
     def ratchet(self, reason: str = "requested", *, timeout: float | None = None) -> EpochChange:
         """Make the next epoch, rewrap every live round key under it, destroy the old.
 
-        Waits (bounded) for wraps and deletes in flight. On failure memory and disk keep
-        the current epoch (:class:`RatchetFailed`; a crash instead is finished at open).
+        Only the switch to the new epoch keeps wraps and deletes out (bounded wait for
+        those in flight, then one slot write): from then on new round keys wrap under the
+        new epoch while the live keys are rewrapped beside them and written back wherever
+        they are unchanged (a key deleted meanwhile stays deleted). Then the old epoch
+        key is destroyed. If the switch fails, memory and disk keep the current epoch; if
+        the rewrap fails (:class:`RatchetFailed`), the change stays begun: the new epoch
+        stays current, the old one readable, and the next ratchet finishes the change (a
+        crash: the next open does).
         """
         wait = self._lease_timeout if timeout is None else check_timeout(timeout)
-        with self._gate.exclusive(wait), self._keks.active_kek() as kek:
+        with self._one_change(wait):
             started = self._monotonic()
-            new, covering = self._stage(kek)
-            try:
-                # Tens of thousands of short-lived objects alive at once would trigger a
-                # full collection of the whole heap: ~40% of a ratchet at 30k live keys.
-                with collector_paused(promote=False):
-                    blobs, skipped = self._rewrapped(new)
-                    with self._store.write() as batch:
-                        batch.put_key_records(blobs)
-                self._phase("keys_rewrapped")
-            except BaseException as exc:
-                self._roll_back(new)
-                if isinstance(exc, Exception):
-                    raise RatchetFailed(f"epoch change failed: {type(exc).__name__}") from exc
-                raise
-            change = self._finish(new, kek.version, len(blobs), skipped, reason)
+            with self._lock:
+                begun = self._retiring is not None
+            if not begun:
+                with self._gate.exclusive(wait), self._keks.active_kek() as kek:
+                    new, covering = self._stage(kek)
+                    self._switch(new, kek.version, covering)
+            change, covering = self._complete(reason)
             self._account(started, covering)
         return change
+
+    @contextmanager
+    def _one_change(self, wait: float) -> Iterator[None]:
+        """The right to make an epoch change (bounded wait: ``LeaseTimeout``)."""
+        if not self._changing.acquire(timeout=wait):
+            raise LeaseTimeout(f"another storage epoch change still runs after {wait:g} s")
+        try:
+            yield
+        finally:
+            self._changing.release()
+
+    def _switch(self, new: EpochKey, kek_version: KekVersion, covering: float | None) -> _Retiring:
+        """Make ``new`` (durable in the other slot) the current epoch; the old one retires."""
+        with self._lock:
+            retiring = _Retiring(self._live_locked(), self._index, covering)
+            self._retiring = retiring
+            self._current, self._index = new, 1 - self._index
+            self._sequence += 1
+            self._kek_version = kek_version
+        return retiring
+
+    def _complete(self, reason: str) -> tuple[EpochChange, float | None]:
+        """Steps 2 and 3 of the change begun: rewrap what is under the retiring epoch,
+        write back what is unchanged, destroy the retiring epoch."""
+        with self._lock:
+            retiring, new = self._retiring, self._live_locked()
+        assert retiring is not None
+        try:
+            # Tens of thousands of short-lived objects alive at once would trigger a
+            # full collection of the whole heap: ~40% of a ratchet at 30k live keys.
+            with collector_paused(promote=False):
+                triples, skipped = self._rewrapped(retiring.key, new)
+                with self._store.write() as batch:
+                    batch.replace_key_records(triples)
+            self._phase("keys_rewrapped")
+            change = self._retire(retiring, len(triples), skipped, reason, exclusive_held=False)
+        except BaseException as exc:
+            _log.error(
+                "epoch_change_unfinished",
+                old_epoch=retiring.key.number.number,
+                new_epoch=new.number.number,
+                error_type=type(exc).__qualname__,
+            )
+            if isinstance(exc, Exception):
+                raise RatchetFailed(
+                    f"epoch change not finished: {type(exc).__name__}; the next ratchet"
+                    " (or open) finishes it"
+                ) from exc
+            raise
+        return change, retiring.covering
 
     def _account(self, started: float, covering: float | None) -> None:
         """Record how long the ratchet begun at ``started`` took once it held the epoch
@@ -572,10 +649,16 @@ class EpochKeeper:
     def rotate_kek(self, master: MasterKeys, *, timeout: float | None = None) -> KekRotation:
         """Rotate ``master``'s KEK as an epoch change: the next epoch key, wrapped under
         the new KEK, and every live round key rewrapped under it, commit in the same
-        LMDB transaction as the new keyring. Waits (bounded) for wraps in flight."""
+        LMDB transaction as the new keyring. Waits (bounded) for wraps in flight; a
+        change a failed ratchet left begun is finished first."""
         wait = self._lease_timeout if timeout is None else check_timeout(timeout)
-        with self._gate.exclusive(wait):
-            return master.rotate_kek(timeout=wait, rewrap=self._prepare_rotation)
+        with self._one_change(wait):
+            with self._lock:
+                begun = self._retiring is not None
+            if begun:
+                self._complete("resumed")
+            with self._gate.exclusive(wait):
+                return master.rotate_kek(timeout=wait, rewrap=self._prepare_rotation)
 
     def _prepare_rotation(self, new_kek: Kek) -> _Rewrap:
         new, _ = self._stage(new_kek)
@@ -600,45 +683,61 @@ class EpochKeeper:
         self._phase("slot_written")
         return new, covering
 
-    def _rewrapped(self, new: EpochKey) -> tuple[list[tuple[bytes, bytes]], int]:
-        """Step 2's blobs, by round id bytes: every stored key under the current epoch,
-        rewrapped under ``new``. Blobs that do not open (another epoch, tampered) are
-        skipped: they are already unreadable, and must not hold the ratchet back."""
-        blobs: list[tuple[bytes, bytes]] = []
-        skipped = 0
+    def _rewrapped(
+        self, old: EpochKey, new: EpochKey
+    ) -> tuple[list[tuple[bytes, bytes, bytes]], int]:
+        """Step 2's blobs: ``(round id bytes, stored blob, rewrapped blob)`` for every
+        stored key under ``old``. Blobs that do not open (another epoch — keys made after
+        the switch —, tampered) are skipped: they must not hold the ratchet back."""
         records = self._store.list_key_records()
-        for round_id, blob in rewrap_round_keys(self._live(), new, records):
-            if blob is None:
-                skipped += 1
-                _log.warning("epoch_rewrap_skipped", round_id=round_id.decode("ascii", "replace"))
-            else:
-                blobs.append((round_id, blob))
-        return blobs, skipped
+        rewrapped = rewrap_round_keys(old, new, records)
+        pairs = list(zip(records, rewrapped, strict=True))
+        triples = [(rid, stored, blob) for (rid, stored), (_, blob) in pairs if blob is not None]
+        new_prefix = new.number.to_bytes()
+        unreadable = [  # a key made since the switch (under the new epoch) is no concern
+            rid for (rid, stored), (_, blob) in pairs if blob is None and stored[1:9] != new_prefix
+        ]
+        for round_id in unreadable:
+            _log.warning("epoch_rewrap_skipped", round_id=round_id.decode("ascii", "replace"))
+        skipped = len(unreadable)
+        return triples, skipped
 
-    def _finish(
-        self, new: EpochKey, kek_version: KekVersion, rewrapped: int, skipped: int, reason: str
+    def _retire(
+        self,
+        retiring: _Retiring,
+        rewrapped: int,
+        skipped: int,
+        reason: str,
+        *,
+        exclusive_held: bool,
     ) -> EpochChange:
-        """Step 3: destroy the old epoch key on disk, then in memory."""
-        with self._lock:
-            old, old_index = self._live_locked(), self._index
-        self._slots.write(old_index, _EMPTY_SLOT)
+        """Step 3: destroy the retiring epoch key on disk, then in memory once no lease of
+        it is open (``epoch_for`` lends it mid-change): under the exclusive section, which
+        a ratchet takes for the moment (a KEK rotation holds it already)."""
+        self._slots.write(retiring.index, _EMPTY_SLOT)
         self._phase("old_slot_wiped")
         with self._lock:
-            self._current, self._index = new, 1 - old_index
-            self._sequence += 1
-            self._kek_version = kek_version
+            new = self._live_locked()
+            self._retiring = None
             self._changes += 1
-            # A purge reported while this change ran is pending from when it was reported
-            # (not from the purges this change covered): the timer schedules from it.
+            # A purge reported since the switch is pending from when it was reported (not
+            # from the purges this change covered): its key may be under the new epoch.
             since = self._since_stage if self._purges else None
             self._pending_since, self._pending_at = since or (None, None)
+        old = retiring.key
+        if not exclusive_held:
+            try:
+                with self._gate.exclusive(self._lease_timeout):
+                    old.wipe()
+            except (LeaseTimeout, Sealed):
+                pass  # wiped below regardless: a lease still open then fails (SecretWiped)
         old.wipe()
         change = EpochChange(old.number, new.number, rewrapped, skipped, reason)
         _log.info(
             "epoch_changed",
             old_epoch=old.number.number,
             new_epoch=new.number.number,
-            kek_version=kek_version.number,
+            kek_version=self._kek_version.number,
             rewrapped=rewrapped,
             skipped=skipped,
             reason=reason,
@@ -710,8 +809,10 @@ class EpochKeeper:
         self._gate.close(self._lease_timeout, force=True)
         with self._lock:
             current, self._current = self._current, None
-        if current is not None:
-            current.wipe()
+            retiring, self._retiring = self._retiring, None
+        for key in (current, None if retiring is None else retiring.key):
+            if key is not None:
+                key.wipe()
 
     def __repr__(self) -> str:
         with self._lock:

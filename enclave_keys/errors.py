@@ -168,7 +168,8 @@ class UnknownEpoch(EpochError):
 
 
 class RatchetFailed(EpochError):
-    """An epoch change could not complete; memory and disk keep the previous epoch."""
+    """An epoch change could not finish. The new epoch is current and the old one is
+    kept (in memory and its slot) until the next ratchet, or open, finishes the change."""
 
 
 # --- master keys: unseal, keyring, ceremony, HSM -------------------------------------

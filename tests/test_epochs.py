@@ -28,6 +28,7 @@ from enclave_keys.crypto import (
 from enclave_keys.epochs import (
     CLEAN_RECORD,
     ESTIMATED_RATCHET_SECONDS_PER_KEY,
+    EpochChange,
     EpochKeeper,
     RatchetPhase,
     slot_status,
@@ -246,23 +247,118 @@ class FailingStore(MemoryStore):
         super()._commit(batch)
 
 
-def test_a_failed_ratchet_keeps_the_old_epoch_in_memory_and_on_disk() -> None:
+class FailingSlots(MemorySlots):
+    fail = False
+
+    def write(self, index: int, raw: bytes) -> None:
+        if self.fail:
+            raise StoreError("slot write failed")
+        super().write(index, raw)
+
+
+def test_a_ratchet_whose_slot_write_fails_keeps_the_current_epoch() -> None:
+    slots = FailingSlots()
+    store = MemoryStore(MemoryBacking(slots=slots))
+    ring = Keyring.create()
+    keeper, _ = EpochKeeper.open(store, ring, clock=ManualClock())
+    try:
+        store_key(keeper, store, "a").wipe()
+        before = readable(keeper, store)
+        slots.fail = True
+        with pytest.raises(StoreError):
+            keeper.ratchet()
+        slots.fail = False
+        assert keeper.epoch == E1
+        assert valid_slots(store) == [1]
+        assert readable(keeper, store) == before
+        store_key(keeper, store, "b").wipe()  # still under epoch 1, nothing held
+        assert keeper.ratchet().new_epoch == EpochNumber(3), "epoch numbers are never reused"
+        assert readable(keeper, store).keys() == {RoundId("a"), RoundId("b")}
+    finally:
+        keeper.close()
+        ring.seal(0.0, force=True)
+
+
+def test_a_ratchet_whose_rewrap_fails_is_finished_by_the_next() -> None:
+    """New keys may already be wrapped under the new epoch when the rewrap's commit
+    fails: the change stays begun (both epochs readable, both slots valid) rather than
+    roll back, and the next ratchet finishes it."""
     backing = MemoryBacking()
     store = FailingStore(backing)
     ring = Keyring.create()
     keeper, _ = EpochKeeper.open(store, ring, clock=ManualClock())
     try:
         store_key(keeper, store, "a").wipe()
-        before = readable(keeper, store)
         store.fail = True
         with pytest.raises(RatchetFailed):
             keeper.ratchet()
-        assert keeper.epoch == E1
-        assert valid_slots(store) == [1], "the new slot is wiped again"
-        assert readable(keeper, store) == before
         store.fail = False
-        assert keeper.ratchet().new_epoch == EpochNumber(3), "epoch numbers are never reused"
+        assert keeper.epoch == E2, "new keys wrap under the new epoch"
+        store_key(keeper, store, "b").wipe()
+        assert valid_slots(store) == [1, 2], "the old epoch is not destroyed yet"
+        assert readable(keeper, store).keys() == {RoundId("a"), RoundId("b")}
+        assert not keeper.mark_clean(), "a change begun is not a clean state"
+
+        change = keeper.ratchet_pending()
+        assert change is not None
+        assert (change.old_epoch, change.new_epoch) == (E1, E2), "the same change, finished"
+        assert (change.rewrapped, change.skipped) == (1, 0)
+        assert valid_slots(store) == [2]
+        assert readable(keeper, store).keys() == {RoundId("a"), RoundId("b")}
+        assert all(read_wrapped_header(blob)[0] == E2 for _, blob in store.list_keys())
+        assert keeper.ratchet_pending() is None
     finally:
+        keeper.close()
+        ring.seal(0.0, force=True)
+
+
+class PausingStore(MemoryStore):
+    """Holds the ratchet's listing of the live keys until the test lets it go on."""
+
+    def __init__(self, backing: MemoryBacking) -> None:
+        super().__init__(backing)
+        self.listing = threading.Event()
+        self.go_on = threading.Event()
+
+    def list_key_records(self) -> list[tuple[bytes, bytes]]:
+        records = super().list_key_records()
+        self.listing.set()
+        assert self.go_on.wait(30.0), "the test never let the ratchet go on"
+        return records
+
+
+def test_keys_are_made_and_deleted_while_a_ratchet_rewraps() -> None:
+    """Only the switch keeps wraps and deletes out: while the live keys are rewrapped, a
+    new key wraps under the new epoch at once and a deleted key stays deleted."""
+    store = PausingStore(MemoryBacking())
+    ring = Keyring.create()
+    clock = ManualClock()
+    keeper, _ = EpochKeeper.open(store, ring, clock=clock, lease_timeout=2.0)
+    outcome: list[object] = []
+    try:
+        for name in ("kept", "gone"):
+            store_key(keeper, store, name).wipe()
+        ratchet = threading.Thread(target=lambda: outcome.append(keeper.ratchet()))
+        ratchet.start()
+        assert store.listing.wait(30.0)
+
+        store_key(keeper, store, "new").wipe()  # a LeaseTimeout here: the wrap was held
+        with keeper.hold_ratchet():
+            store.delete_key(RoundId("gone"))
+        keeper.purged()
+        store.go_on.set()
+        ratchet.join(30.0)
+
+        (change,) = outcome
+        assert isinstance(change, EpochChange)
+        assert (change.old_epoch, change.new_epoch, change.skipped) == (E1, E2, 0)
+        epochs = {rid.value: read_wrapped_header(blob)[0] for rid, blob in store.list_keys()}
+        assert epochs == {"kept": E2, "new": E2}, "the deleted key did not come back"
+        assert readable(keeper, store).keys() == {RoundId("kept"), RoundId("new")}
+        assert valid_slots(store) == [2]
+        assert keeper.pending_since == clock.now(), "the purge after the switch waits"
+    finally:
+        store.go_on.set()
         keeper.close()
         ring.seal(0.0, force=True)
 

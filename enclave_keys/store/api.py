@@ -190,16 +190,7 @@ class WriteBatch:
         them. Each id is checked as a round id's form, without building a ``RoundId``;
         all are checked before any is recorded."""
         self._check_open()
-        try:
-            checked = tuple(pairs)
-        except TypeError:
-            raise StoreError("put_key_records takes an iterable of pairs") from None
-        check_id, check_blob = records.check_round_id_bytes, records.check_blob
-        for pair in checked:
-            if type(pair) is not tuple or len(pair) != 2:
-                raise StoreError("put_key_records takes (round id bytes, blob) tuples")
-            check_id(pair[0])
-            check_blob(pair[1])
+        checked = records.check_key_records(pairs, 2, "put_key_records")
         self._operations.append(PutKeys(checked))
 
     def replace_key_records(self, triples: Iterable[tuple[bytes, bytes, bytes]]) -> None:
@@ -209,17 +200,7 @@ class WriteBatch:
         live keys outside any lock, then writes back only those nothing changed since
         (a deleted key must never come back). Checked like :meth:`put_key_records`."""
         self._check_open()
-        try:
-            checked = tuple(triples)
-        except TypeError:
-            raise StoreError("replace_key_records takes an iterable of triples") from None
-        check_id, check_blob = records.check_round_id_bytes, records.check_blob
-        for triple in checked:
-            if type(triple) is not tuple or len(triple) != 3:
-                raise StoreError("replace_key_records takes (round id bytes, expected, blob)")
-            check_id(triple[0])
-            check_blob(triple[1])
-            check_blob(triple[2])
+        checked = records.check_key_records(triples, 3, "replace_key_records")
         self._operations.append(ReplaceKeys(checked))
 
     def delete_key(self, round_id: RoundId) -> None:

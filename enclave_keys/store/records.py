@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Final
+from collections.abc import Iterable
+from typing import Any, Final
 
 from enclave_keys.errors import CorruptRecord, InvalidIdentifier, StoreError
 from enclave_keys.ids import ROUND_ID_FORM, RoundId
@@ -104,6 +105,27 @@ def check_blob(value: object) -> bytes:
             f"wrapped key must be {MIN_BLOB_SIZE} to {MAX_BLOB_SIZE} bytes, got {len(value)}"
         )
     return value
+
+
+def check_key_records(items: Iterable[object], width: int, what: str) -> tuple[Any, ...]:
+    """``items`` as a tuple, each a ``width``-tuple of round id bytes then blobs, checked
+    as :func:`check_round_id_bytes` and :func:`check_blob` do (inline: an epoch change
+    passes 100,000 of them); ``StoreError`` naming ``what`` for anything else."""
+    try:
+        checked = tuple(items)
+    except TypeError:
+        raise StoreError(f"{what} takes an iterable of tuples") from None
+    fullmatch = _ROUND_ID_BYTES.fullmatch
+    for item in checked:
+        if type(item) is not tuple or len(item) != width:
+            raise StoreError(f"{what} takes tuples of {width}: round id bytes, then blobs")
+        round_id = item[0]
+        if type(round_id) is not bytes or fullmatch(round_id) is None:
+            check_round_id_bytes(round_id)  # raises
+        for blob in item[1:]:
+            if type(blob) is not bytes or not MIN_BLOB_SIZE <= len(blob) <= MAX_BLOB_SIZE:
+                check_blob(blob)  # raises
+    return checked
 
 
 def parse_round_key_record(raw_key: bytes, raw_value: bytes) -> tuple[RoundId, bytes]:
