@@ -5,6 +5,10 @@
   wiped), in rewrapped keys per second. The baseline is the bare work in the same run:
   ``AESGCM.decrypt`` + ``AESGCM.encrypt`` of every 32-byte key and one raw LMDB
   transaction putting the 85-byte results.
+* **Longest wait beside a ratchet** at the largest size: while one ratchet runs on its own
+  thread, round keys are made (wrap + durable put) and deleted (durable delete) one after
+  another; the row is the longest any one of them took, against the ratchet's own
+  duration (what each waited when the ratchet held the epoch throughout).
 * **Purges per second** with ratchets on: a steady 1,000 live rounds; each purge deletes
   one key (its own durable commit, as the round cipher does) and adds a fresh one, and the
   keeper ratchets whenever half its window (the default 1 s, on real time) has passed.
@@ -14,6 +18,8 @@
 from __future__ import annotations
 
 import os
+import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Final
@@ -96,6 +102,53 @@ def _rewrap_row(sizes: Sizes, work: Workdir, live: int) -> Row:
     )
 
 
+def _ratchet_beside_traffic(
+    keeper: EpochKeeper, store: LmdbStore, turn: int
+) -> tuple[float, float]:
+    """(seconds of one ratchet, longest seconds one key make + delete took meanwhile)."""
+    took: list[float] = []
+    ratchet = threading.Thread(target=lambda: took.append(timed(keeper.ratchet)))
+    longest = 0.0
+    made = 0
+    ratchet.start()
+    while ratchet.is_alive() or made == 0:
+        rid = RoundId(f"beside-{turn}-{made}")
+        made += 1
+        start = time.perf_counter()
+        with keeper.active_epoch() as epoch, RoundCipher.generate(rid) as cipher:
+            store.put_key(rid, wrap_round_key(epoch, cipher))
+        with keeper.hold_ratchet():
+            store.delete_key(rid)
+        longest = max(longest, time.perf_counter() - start)
+    ratchet.join()
+    (seconds,) = took
+    return seconds, longest
+
+
+def _stall_row(sizes: Sizes, work: Workdir, live: int) -> Row:
+    repeats = sizes.repeats_for(live, 300_000)
+    ring = Keyring.create()
+    try:
+        with work.scratch("ratchet-beside") as path, LmdbStore.open(path) as store:
+            keeper, _ = EpochKeeper.open(store, ring, clock=SystemClock())
+            try:
+                _fill(keeper, store, live, "live")
+                runs = [_ratchet_beside_traffic(keeper, store, turn) for turn in range(repeats)]
+            finally:
+                keeper.close()
+    finally:
+        ring.seal(0.0, force=True)
+    return Row(
+        "ratchet",
+        f"longest key make + delete during a ratchet, {live:,} live keys",
+        live,
+        "ms",
+        statistics.median(longest for _, longest in runs) * 1e3,
+        "the ratchet's own duration",
+        statistics.median(seconds for seconds, _ in runs) * 1e3,
+    )
+
+
 def _purge_rate(keeper: EpochKeeper, store: LmdbStore, seconds: float) -> tuple[float, int]:
     """Purges per second over ``seconds`` of steady churn, and the ratchets it took."""
     rounds = _fill(keeper, store, _STEADY_LIVE, "steady")
@@ -168,4 +221,8 @@ def run_ratchet(sizes: Sizes, work: Workdir) -> list[Row]:
     counts = (10, 40) if sizes.name == "tiny" else (10, 1_000, 100_000)
     if sizes.name == "small":
         counts = (10, 1_000, 10_000)
-    return [*(_rewrap_row(sizes, work, live) for live in counts), _purge_row(sizes, work)]
+    return [
+        *(_rewrap_row(sizes, work, live) for live in counts),
+        _stall_row(sizes, work, counts[-1]),
+        _purge_row(sizes, work),
+    ]
