@@ -185,8 +185,9 @@ def cmd_init(args: argparse.Namespace, out: Printer) -> int:
         except AlreadyInitialised:
             raise  # initialised meanwhile by another process: its files, not ours
         except BaseException:
-            claim.release()  # first: its file goes with it, so an emptied directory can go
-            created.remove()
+            created.remove_files()  # still claimed: no other process has the files yet
+            claim.release()  # its file goes with it, so an emptied directory can go too
+            created.remove_dirs()
             raise
         finally:
             claim.release()
@@ -234,12 +235,16 @@ class _NewStoreFiles:
             self._data_dir / name for name in _STORE_FILES if not (self._data_dir / name).exists()
         ]
 
-    def remove(self) -> None:
+    def remove_files(self) -> None:
         """Best effort, never raising (the caller re-raises the error that made it clean
-        up): a directory that is not empty (someone else's files) stays."""
+        up); called while ``init`` still holds the directory's claim."""
         for path in self._files:
             with contextlib.suppress(OSError):  # ``data_dir`` is a file, say
                 path.unlink(missing_ok=True)
+
+    def remove_dirs(self) -> None:
+        """Best effort, never raising: a directory that is not empty (someone else's
+        files) stays."""
         for path in self._dirs:
             try:
                 path.rmdir()
@@ -257,7 +262,7 @@ def _claim_new(data_dir: Path, created: _NewStoreFiles) -> DirectoryClaim:
             raise StoreUnavailable(f"cannot create store directory {data_dir}: {exc}") from None
         return _claim(data_dir, "init")
     except BaseException:
-        created.remove()
+        created.remove_dirs()  # no store file is noted as ours before the claim
         raise
 
 

@@ -64,7 +64,6 @@ from enclave_keys.errors import (
     KekRetired,
     LeaseTimeout,
     RatchetFailed,
-    Sealed,
     StoreUnavailable,
     UnknownEpoch,
     UnknownKekVersion,
@@ -152,10 +151,22 @@ class _Rewrap(KekDependent):
         return self._rewrapped
 
     def committed(self) -> None:
+        """The keyring and the rewrapped keys are committed: the new epoch is current
+        whatever follows. Never raises (the rotation has happened; ``MasterKeys`` must
+        take its new keyring): if the old slot cannot be wiped, the change stays begun
+        and the next ratchet finishes it."""
         keeper = self._keeper
-        keeper._phase("keys_rewrapped")
         retiring = keeper._switch(self._new, self._kek_version, covering=None)
-        keeper._retire(retiring, self._rewrapped, self._skipped, "kek", exclusive_held=True)
+        try:
+            keeper._phase("keys_rewrapped")
+            keeper._retire(retiring, self._rewrapped, self._skipped, "kek")
+        except Exception as exc:
+            _log.error(
+                "epoch_change_unfinished",
+                old_epoch=retiring.key.number.number,
+                new_epoch=self._new.number.number,
+                error_type=type(exc).__qualname__,
+            )
 
     def aborted(self) -> None:
         self._keeper._roll_back(self._new)
@@ -505,13 +516,10 @@ class EpochKeeper:
 
     def epoch_for(self, number: EpochNumber) -> AbstractContextManager[EpochKey]:
         def live_as_numbered() -> EpochKey:
-            with self._lock:
-                current, retiring = self._live_locked(), self._retiring
-            if number == current.number:
-                return current
-            if retiring is not None and number == retiring.key.number:
-                return retiring.key  # mid-change: not destroyed until its keys are rewrapped
-            raise UnknownEpoch(f"storage epoch {number} is destroyed or unknown")
+            current = self._live()
+            if number != current.number:  # mid-change, the retiring epoch is not lent
+                raise UnknownEpoch(f"storage epoch {number} is destroyed or unknown")
+            return current
 
         return self._gate.leased(self._lease_timeout, live_as_numbered)
 
@@ -562,20 +570,33 @@ class EpochKeeper:
         they are unchanged (a key deleted meanwhile stays deleted). Then the old epoch
         key is destroyed. If the switch fails, memory and disk keep the current epoch; if
         the rewrap fails (:class:`RatchetFailed`), the change stays begun: the new epoch
-        stays current, the old one readable, and the next ratchet finishes the change (a
-        crash: the next open does).
+        stays current, the old one stays in its slot, and the next ratchet finishes the
+        change — and then makes a new one if purges are still pending, since a key made
+        under the new epoch may have been purged meanwhile (a crash: the next open
+        finishes it). On return, every purge reported before the call is covered.
         """
         wait = self._lease_timeout if timeout is None else check_timeout(timeout)
         with self._one_change(wait):
-            started = self._monotonic()
             with self._lock:
                 begun = self._retiring is not None
-            if not begun:
-                with self._gate.exclusive(wait), self._keks.active_kek() as kek:
-                    new, covering = self._stage(kek)
-                    self._switch(new, kek.version, covering)
-            change, covering = self._complete(reason)
-            self._account(started, covering)
+            if begun:
+                finished = self._change(reason, wait, resume=True)
+                with self._lock:
+                    covered = self._pending_since is None
+                if covered:
+                    return finished
+            return self._change(reason, wait, resume=False)
+
+    def _change(self, reason: str, wait: float, *, resume: bool) -> EpochChange:
+        """One epoch change — begun here unless ``resume`` — finished and accounted."""
+        started = self._monotonic()
+        if not resume:
+            with self._gate.exclusive(wait), self._keks.active_kek() as kek:
+                started = self._monotonic()  # the lead counts the change, not the wait
+                new, covering = self._stage(kek)
+                self._switch(new, kek.version, covering)
+        change, covering = self._complete(reason)
+        self._account(started, covering)
         return change
 
     @contextmanager
@@ -612,7 +633,7 @@ class EpochKeeper:
                 with self._store.write() as batch:
                     batch.replace_key_records(triples)
             self._phase("keys_rewrapped")
-            change = self._retire(retiring, len(triples), skipped, reason, exclusive_held=False)
+            change = self._retire(retiring, len(triples), skipped, reason)
         except BaseException as exc:
             _log.error(
                 "epoch_change_unfinished",
@@ -656,7 +677,7 @@ class EpochKeeper:
             with self._lock:
                 begun = self._retiring is not None
             if begun:
-                self._complete("resumed")
+                self._change("resumed", wait, resume=True)
             with self._gate.exclusive(wait):
                 return master.rotate_kek(timeout=wait, rewrap=self._prepare_rotation)
 
@@ -677,10 +698,10 @@ class EpochKeeper:
         try:
             record = SlotRecord(sequence, wrap_epoch_key(kek, new))
             self._slots.write(target, encode_slot(record))
+            self._phase("slot_written")
         except BaseException:
             new.wipe()
             raise
-        self._phase("slot_written")
         return new, covering
 
     def _rewrapped(
@@ -703,17 +724,9 @@ class EpochKeeper:
         return triples, skipped
 
     def _retire(
-        self,
-        retiring: _Retiring,
-        rewrapped: int,
-        skipped: int,
-        reason: str,
-        *,
-        exclusive_held: bool,
+        self, retiring: _Retiring, rewrapped: int, skipped: int, reason: str
     ) -> EpochChange:
-        """Step 3: destroy the retiring epoch key on disk, then in memory once no lease of
-        it is open (``epoch_for`` lends it mid-change): under the exclusive section, which
-        a ratchet takes for the moment (a KEK rotation holds it already)."""
+        """Step 3: destroy the retiring epoch key on disk, then in memory."""
         self._slots.write(retiring.index, _EMPTY_SLOT)
         self._phase("old_slot_wiped")
         with self._lock:
@@ -725,12 +738,6 @@ class EpochKeeper:
             since = self._since_stage if self._purges else None
             self._pending_since, self._pending_at = since or (None, None)
         old = retiring.key
-        if not exclusive_held:
-            try:
-                with self._gate.exclusive(self._lease_timeout):
-                    old.wipe()
-            except (LeaseTimeout, Sealed):
-                pass  # wiped below regardless: a lease still open then fails (SecretWiped)
         old.wipe()
         change = EpochChange(old.number, new.number, rewrapped, skipped, reason)
         _log.info(

@@ -296,7 +296,8 @@ def test_a_ratchet_whose_rewrap_fails_is_finished_by_the_next() -> None:
         assert keeper.epoch == E2, "new keys wrap under the new epoch"
         store_key(keeper, store, "b").wipe()
         assert valid_slots(store) == [1, 2], "the old epoch is not destroyed yet"
-        assert readable(keeper, store).keys() == {RoundId("a"), RoundId("b")}
+        assert read_wrapped_header(store.list_keys()[0][1])[0] == E1, "'a' is not rewrapped"
+        assert readable(keeper, store).keys() == {RoundId("b")}
         assert not keeper.mark_clean(), "a change begun is not a clean state"
 
         change = keeper.ratchet_pending()
@@ -310,6 +311,91 @@ def test_a_ratchet_whose_rewrap_fails_is_finished_by_the_next() -> None:
     finally:
         keeper.close()
         ring.seal(0.0, force=True)
+
+
+def test_the_ratchet_that_finishes_a_change_also_covers_purges_made_since() -> None:
+    """A key made under the new epoch after a failed rewrap, then purged: finishing the
+    old change does not cover it, so the same ratchet (a stop's, a seal's) makes another."""
+    store = FailingStore(MemoryBacking())
+    ring = Keyring.create()
+    keeper, _ = EpochKeeper.open(store, ring, clock=ManualClock())
+    try:
+        store_key(keeper, store, "a").wipe()
+        keeper.purged()
+        store.fail = True
+        with pytest.raises(RatchetFailed):
+            keeper.ratchet("window")
+        store.fail = False
+        store_key(keeper, store, "b").wipe()
+        purged = store.get_key(RoundId("b"))
+        assert purged is not None
+        assert read_wrapped_header(purged)[0] == E2
+        with keeper.hold_ratchet():
+            store.delete_key(RoundId("b"))
+        keeper.purged()
+
+        change = keeper.ratchet_pending()
+        assert change is not None
+        assert (change.old_epoch, change.new_epoch) == (E2, E3)
+        assert valid_slots(store) == [3], "the purged key's epoch is destroyed too"
+        assert keeper.pending_since is None
+        assert keeper.changes == 2
+        assert readable(keeper, store).keys() == {RoundId("a")}
+    finally:
+        keeper.close()
+        ring.seal(0.0, force=True)
+
+
+class WipeFailingSlots(MemorySlots):
+    """Refuses to zero one slot (an I/O error on the old slot's wipe)."""
+
+    refuse: int | None = None
+
+    def write(self, index: int, raw: bytes) -> None:
+        if index == self.refuse and raw == bytes(len(raw)):
+            raise StoreError("slot wipe failed")
+        super().write(index, raw)
+
+
+def test_a_rotation_whose_old_slot_cannot_be_wiped_still_rotates() -> None:
+    """The keyring has committed: the rotation stands (the master takes the new KEK),
+    the change stays begun, the next ratchet finishes it, and every key survives later
+    ratchets and a restart."""
+    slots = WipeFailingSlots()
+    backing = MemoryBacking(slots=slots)
+    store = MemoryStore(backing)
+    master = MasterKeys.initialise(store, SecretBytes.from_bytes(ROOT), "raw")
+    keeper, _ = EpochKeeper.open(store, master, clock=ManualClock())
+    names = {RoundId(name) for name in "abc"}
+    try:
+        for name in "abc":
+            store_key(keeper, store, name).wipe()
+        slots.refuse = keeper._index
+        with capture_logs() as logs:
+            rotation = keeper.rotate_kek(master)
+        assert rotation.new_version == KekVersion(2)
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+            "epoch_change_unfinished"
+        ]
+        assert master.active_version == keeper.kek_version == KekVersion(2)
+        assert valid_slots(store) == [1, 2]
+        slots.refuse = None
+        assert keeper.ratchet().old_epoch == E1, "the next ratchet finishes the change"
+        keeper.ratchet()
+        assert readable(keeper, store).keys() == names
+    finally:
+        keeper.close()
+        master.seal(0.0, force=True)
+    reopened = MasterKeys.open(MemoryStore(backing), SecretBytes.from_bytes(ROOT), "raw")
+    try:
+        keeper, recovery = EpochKeeper.open(MemoryStore(backing), reopened, clock=ManualClock())
+        try:
+            assert not recovery.created
+            assert readable(keeper, MemoryStore(backing)).keys() == names
+        finally:
+            keeper.close()
+    finally:
+        reopened.seal(0.0, force=True)
 
 
 class PausingStore(MemoryStore):

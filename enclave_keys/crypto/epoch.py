@@ -56,16 +56,18 @@ class EpochSource(Protocol):
     """Where the round-cipher actor gets epoch keys: operation-scoped, never kept.
 
     * ``with source.active_epoch() as epoch:`` — the current epoch key under a shared
-      lease; hold it across the wrap *and* the durable store of the blob, so no ratchet
-      can run in between and miss the new blob;
-    * ``with source.epoch_for(number) as epoch:`` — the key of a stored blob's epoch
-      (raises :class:`~enclave_keys.errors.UnknownEpoch` once that epoch is destroyed);
-    * ``with source.hold_ratchet():`` — keeps a ratchet out while a stored round key is
-      deleted, so a ratchet in flight cannot write the deleted key back;
+      lease; hold it across the wrap *and* the durable store of the blob, so no epoch
+      switch can come in between and the ratchet's rewrap cannot miss the new blob;
+    * ``with source.epoch_for(number) as epoch:`` — the key of a stored blob's epoch if
+      it is the current one (raises :class:`~enclave_keys.errors.UnknownEpoch` for any
+      other, including one being retired by an epoch change);
+    * ``with source.hold_ratchet():`` — keeps an epoch switch (and a KEK rotation) out
+      while a stored round key is deleted, so a rotation in flight cannot write the
+      deleted key back (a ratchet writes back only keys that are unchanged);
     * ``source.purged()`` — a round key was deleted: ratchet within the window.
     * ``source.kek_version`` — the KEK version that wraps the current epoch key.
 
-    Each waits (bounded) while a ratchet runs and may raise
+    Each waits (bounded) while an epoch switch or a KEK rotation runs and may raise
     :class:`~enclave_keys.errors.LeaseTimeout`. Do not nest them in one thread.
     """
 

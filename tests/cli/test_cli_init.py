@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from enclave_keys.cli import PKCS11_MODULE_ENV
+from enclave_keys.cli import PKCS11_MODULE_ENV, _NewStoreFiles
 from enclave_keys.errors import StoreError
 from enclave_keys.master import MasterKeys
 from enclave_keys.store.claim import CLAIM_FILE, ClaimHolder, claim_holder
@@ -305,3 +305,39 @@ def _second_claimant(data_dir: Path) -> str:
         check=True,
     )
     return done.stdout.strip()
+
+
+def test_a_failed_init_leaves_alone_a_store_made_once_it_let_go(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed init removes its store files while it still holds the claim: a second
+    init (a real process) that takes the directory the moment it is released keeps the
+    store it makes."""
+    data_dir = tmp_path / "node"
+
+    def failing_initialise(*args: object, **kwargs: object) -> MasterKeys:
+        raise StoreError("disk full, nothing was written")
+
+    second: list[subprocess.CompletedProcess[str]] = []
+    remove_dirs = _NewStoreFiles.remove_dirs
+
+    def init_elsewhere_then_remove_dirs(self: _NewStoreFiles) -> None:
+        second.append(
+            subprocess.run(
+                [sys.executable, "-m", "enclave_keys.cli", "init", "env", "--data-dir", data_dir],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, DEFAULT_ENV_VARIABLE: "11" * 32},
+            )
+        )
+        remove_dirs(self)
+
+    monkeypatch.setattr(MasterKeys, "initialise", failing_initialise)
+    monkeypatch.setattr(_NewStoreFiles, "remove_dirs", init_elsewhere_then_remove_dirs)
+    result = cli("init", "passphrase", "--data-dir", data_dir, secrets=[PASSPHRASE])
+    assert error_class(result, "init") == "StoreError"
+    (other,) = second
+    assert other.returncode == 0, other.stderr
+    monkeypatch.undo()
+    assert cli.status(data_dir)["method"] == "env", "the second init's store is intact"
