@@ -546,20 +546,29 @@ class EpochKeeper:
     # --- ratchet --------------------------------------------------------------------------
 
     def due(self, now: float) -> bool:
-        """True once half the window has passed since the first uncovered purge."""
+        """True once half the window has passed since the first uncovered purge, or
+        while a change a failed ratchet left begun waits to be finished."""
         with self._lock:
-            since = self._pending_since
-        return since is not None and now - since >= self._window / 2
+            since, begun = self._pending_since, self._retiring is not None
+        return begun or (since is not None and now - since >= self._window / 2)
 
     def ratchet_if_due(self, now: float) -> EpochChange | None:
-        """Ratchet if :meth:`due`; the node calls this on every tick."""
-        return self.ratchet("window") if self.due(now) else None
+        """Ratchet if :meth:`due`; the node calls this on every tick. Asked again once
+        no other change runs: a ratchet the timer just made is not made twice."""
+        if not self.due(now):
+            return None
+        return self._ratchet("window", self._lease_timeout, lambda: self.due(now))
 
     def ratchet_pending(self) -> EpochChange | None:
-        """Ratchet now if any purge is not yet covered (clean stop, seal)."""
+        """Ratchet now if any purge is not yet covered, or a change is left begun (clean
+        stop, seal). Asked again once no other change runs."""
+        if not self._pending():
+            return None
+        return self._ratchet("pending", self._lease_timeout, self._pending)
+
+    def _pending(self) -> bool:
         with self._lock:
-            pending = self._pending_since is not None or self._retiring is not None
-        return self.ratchet("pending") if pending else None
+            return self._pending_since is not None or self._retiring is not None
 
     def ratchet(self, reason: str = "requested", *, timeout: float | None = None) -> EpochChange:
         """Make the next epoch, rewrap every live round key under it, destroy the old.
@@ -570,21 +579,29 @@ class EpochKeeper:
         they are unchanged (a key deleted meanwhile stays deleted). Then the old epoch
         key is destroyed. If the switch fails, memory and disk keep the current epoch; if
         the rewrap fails (:class:`RatchetFailed`), the change stays begun: the new epoch
-        stays current, the old one stays in its slot, and the next ratchet finishes the
-        change — and then makes a new one if purges are still pending, since a key made
-        under the new epoch may have been purged meanwhile (a crash: the next open
-        finishes it). On return, every purge reported before the call is covered.
+        stays current, the old one stays in its slot, and the next ratchet finishes that
+        change before it makes its own (a key made under the new epoch may have been
+        purged meanwhile); the timer and :meth:`due` see a begun change as due. A crash
+        leaves it to the next open. On return, every purge reported before the call is
+        covered.
         """
         wait = self._lease_timeout if timeout is None else check_timeout(timeout)
+        change = self._ratchet(reason, wait, None)
+        assert change is not None
+        return change
+
+    def _ratchet(
+        self, reason: str, wait: float, needed: Callable[[], bool] | None
+    ) -> EpochChange | None:
+        """:meth:`ratchet`, or None if ``needed`` says no once this thread may change
+        the epoch (a change on another thread may have covered what was pending)."""
         with self._one_change(wait):
+            if needed is not None and not needed():
+                return None
             with self._lock:
                 begun = self._retiring is not None
             if begun:
-                finished = self._change(reason, wait, resume=True)
-                with self._lock:
-                    covered = self._pending_since is None
-                if covered:
-                    return finished
+                self._change(reason, wait, resume=True)
             return self._change(reason, wait, resume=False)
 
     def _change(self, reason: str, wait: float, *, resume: bool) -> EpochChange:
@@ -641,6 +658,8 @@ class EpochKeeper:
                 new_epoch=new.number.number,
                 error_type=type(exc).__qualname__,
             )
+            with self._lock:
+                self._wake.notify_all()  # the timer finishes it
             if isinstance(exc, Exception):
                 raise RatchetFailed(
                     f"epoch change not finished: {type(exc).__name__}; the next ratchet"
@@ -786,13 +805,20 @@ class EpochKeeper:
         delay = self._window / 2
         while True:
             with self._lock:
-                self._wake.wait_for(lambda: self._closing or self._pending_at is not None)
-                if self._closing or self._pending_at is None:  # (None only when closing)
+                self._wake.wait_for(
+                    lambda: (
+                        self._closing or self._pending_at is not None or self._retiring is not None
+                    )
+                )
+                if self._closing:
                     return
-                # Let purges gather until the lead before the window closes, unless the
-                # keeper closes (counted from the purge: the timer may have woken late).
-                start_at = self._pending_at + self._window - self._lead_locked()
-                wait = max(0.0, start_at - self._monotonic())
+                if self._pending_at is None:  # a change left begun: finish it now
+                    wait = 0.0
+                else:
+                    # Let purges gather until the lead before the window closes, unless the
+                    # keeper closes (counted from the purge: the timer may have woken late).
+                    start_at = self._pending_at + self._window - self._lead_locked()
+                    wait = max(0.0, start_at - self._monotonic())
                 self._wake.wait_for(lambda: self._closing, timeout=wait)
                 if self._closing:
                     return

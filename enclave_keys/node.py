@@ -43,7 +43,14 @@ from enclave_keys.context import ContextRegistry
 from enclave_keys.core_state import KnownRoundIds
 from enclave_keys.crypto.hardening import harden_process
 from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper, EpochRecovery
-from enclave_keys.errors import ActorsStopped, CorruptRecord, LifecycleError, Sealed, StoreError
+from enclave_keys.errors import (
+    ActorsStopped,
+    CorruptRecord,
+    EnclaveKeysError,
+    LifecycleError,
+    Sealed,
+    StoreError,
+)
 from enclave_keys.events import (
     Event,
     FailureReason,
@@ -282,7 +289,12 @@ class Node:
         purges have waited half its window (call periodically)."""
         with self._lock:
             self._runtime_or_raise().tick()
-            self.epochs.ratchet_if_due(self._clock.now())
+            try:
+                self.epochs.ratchet_if_due(self._clock.now())
+            except EnclaveKeysError as exc:  # a full disk, say: the node keeps running
+                # As the epoch timer does: the purges stay pending and the next tick (or
+                # the timer) tries again; every late ratchet is counted as a window miss.
+                _log.error("epoch_ratchet_failed", error_type=type(exc).__qualname__)
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait until every event published so far and all it caused has been handled."""
@@ -348,9 +360,15 @@ class Node:
             runtime = self._runtime_or_raise()
             runtime.publish([NodeSealed()], source=NODE_SOURCE)
             self.snapshot()
-            self.epochs.ratchet_pending()
-            self._shut_down(clean=True)
-            _log.info("node_sealed")
+            covered = False
+            try:
+                self.epochs.ratchet_pending()
+                covered = True
+            finally:
+                # Sealed even if that ratchet failed (as NodeSealed says): the keys leave
+                # memory, no clean mark is written, and the next start ratchets.
+                self._shut_down(clean=covered)
+                _log.info("node_sealed")
 
     def rotate_kek(self, *, timeout: float | None = None) -> KekRotation:
         """Make a new active KEK and retire the old, as a storage epoch change: a new

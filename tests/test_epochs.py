@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import pytest
@@ -300,13 +301,19 @@ def test_a_ratchet_whose_rewrap_fails_is_finished_by_the_next() -> None:
         assert readable(keeper, store).keys() == {RoundId("b")}
         assert not keeper.mark_clean(), "a change begun is not a clean state"
 
-        change = keeper.ratchet_pending()
+        with capture_logs() as logs:
+            change = keeper.ratchet_pending()
         assert change is not None
-        assert (change.old_epoch, change.new_epoch) == (E1, E2), "the same change, finished"
-        assert (change.rewrapped, change.skipped) == (1, 0)
-        assert valid_slots(store) == [2]
+        finished = [
+            (e["old_epoch"], e["new_epoch"], e["rewrapped"])
+            for e in logs
+            if e["event"] == "epoch_changed"
+        ]
+        assert finished == [(1, 2, 1), (2, 3, 2)], "the begun change finished, then a new one"
+        assert (change.old_epoch, change.new_epoch, change.skipped) == (E2, E3, 0)
+        assert valid_slots(store) == [3]
         assert readable(keeper, store).keys() == {RoundId("a"), RoundId("b")}
-        assert all(read_wrapped_header(blob)[0] == E2 for _, blob in store.list_keys())
+        assert all(read_wrapped_header(blob)[0] == E3 for _, blob in store.list_keys())
         assert keeper.ratchet_pending() is None
     finally:
         keeper.close()
@@ -380,7 +387,9 @@ def test_a_rotation_whose_old_slot_cannot_be_wiped_still_rotates() -> None:
         assert master.active_version == keeper.kek_version == KekVersion(2)
         assert valid_slots(store) == [1, 2]
         slots.refuse = None
-        assert keeper.ratchet().old_epoch == E1, "the next ratchet finishes the change"
+        assert keeper.due(0.0), "a change left begun is due"
+        assert keeper.ratchet().old_epoch == E2, "the next ratchet finishes it, then its own"
+        assert valid_slots(store) == [3]
         keeper.ratchet()
         assert readable(keeper, store).keys() == names
     finally:
@@ -443,6 +452,44 @@ def test_keys_are_made_and_deleted_while_a_ratchet_rewraps() -> None:
         assert readable(keeper, store).keys() == {RoundId("kept"), RoundId("new")}
         assert valid_slots(store) == [2]
         assert keeper.pending_since == clock.now(), "the purge after the switch waits"
+    finally:
+        store.go_on.set()
+        keeper.close()
+        ring.seal(0.0, force=True)
+
+
+def test_a_ratchet_due_while_another_runs_is_not_made_twice() -> None:
+    """A tick that finds a ratchet due while the timer's covers the same purges waits for
+    it and then makes none of its own (at 100,000 live keys that would be another second)."""
+    store = PausingStore(MemoryBacking())
+    ring = Keyring.create()
+    clock = ManualClock()
+    keeper, _ = EpochKeeper.open(store, ring, clock=clock, window=WINDOW)
+    results: list[object] = []
+    try:
+        store_key(keeper, store, "a").wipe()
+        keeper.purged()
+        clock.advance(WINDOW)
+        first = threading.Thread(target=lambda: results.append(keeper.ratchet_pending()))
+        first.start()
+        assert store.listing.wait(30.0)
+        assert keeper.due(clock.now()), "still due: the running change has not finished"
+        asking = threading.Event()
+        one_change = keeper._one_change
+
+        def ask_then_wait(wait: float) -> AbstractContextManager[None]:
+            asking.set()  # past its first look at due(): it waits for the running change
+            return one_change(wait)
+
+        keeper._one_change = ask_then_wait  # type: ignore[method-assign, assignment]
+        second = threading.Thread(target=lambda: results.append(keeper.ratchet_if_due(clock.now())))
+        second.start()
+        assert asking.wait(30.0)
+        store.go_on.set()
+        first.join(30.0)
+        second.join(30.0)
+        assert sorted(map(type, results), key=str) == sorted([EpochChange, type(None)], key=str)
+        assert keeper.changes == 1
     finally:
         store.go_on.set()
         keeper.close()
