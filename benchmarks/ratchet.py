@@ -21,6 +21,8 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -32,7 +34,7 @@ from benchmarks.harness import Row, median_seconds, timed
 from benchmarks.workdir import Workdir
 from enclave_keys.clock import SystemClock
 from enclave_keys.crypto import Keyring, RoundCipher, wrap_round_key
-from enclave_keys.epochs import DEFAULT_EPOCH_WINDOW, EpochKeeper
+from enclave_keys.epochs import EpochKeeper
 from enclave_keys.ids import RoundId
 from enclave_keys.store import LmdbStore
 
@@ -75,22 +77,31 @@ def _raw_rewrap(path: Path, count: int, repeats: int) -> float:
         env.close()
 
 
-def _rewrap_row(sizes: Sizes, work: Workdir, live: int) -> Row:
-    repeats = sizes.repeats_for(live, 300_000)
+@contextmanager
+def _keeper_with_keys(
+    work: Workdir, name: str, live: int
+) -> Iterator[tuple[EpochKeeper, LmdbStore]]:
+    """An epoch keeper over a new LMDB store holding ``live`` wrapped round keys."""
     ring = Keyring.create()
     try:
-        with work.scratch("ratchet") as path, LmdbStore.open(path) as store:
+        with work.scratch(name) as path, LmdbStore.open(path) as store:
             keeper, _ = EpochKeeper.open(store, ring, clock=SystemClock())
             try:
                 _fill(keeper, store, live, "live")
-                ours = median_seconds(lambda: timed(keeper.ratchet), repeats)
+                yield keeper, store
             finally:
                 keeper.close()
-        with work.scratch("ratchet-raw") as path:
-            path.mkdir(parents=True)
-            raw = _raw_rewrap(path, live, repeats)
     finally:
         ring.seal(0.0, force=True)
+
+
+def _rewrap_row(sizes: Sizes, work: Workdir, live: int) -> Row:
+    repeats = sizes.repeats_for(live, 300_000)
+    with _keeper_with_keys(work, "ratchet", live) as (keeper, _):
+        ours = median_seconds(lambda: timed(keeper.ratchet), repeats)
+    with work.scratch("ratchet-raw") as path:
+        path.mkdir(parents=True)
+        raw = _raw_rewrap(path, live, repeats)
     return Row(
         "ratchet",
         f"epoch ratchet, {live:,} live keys",
@@ -127,17 +138,8 @@ def _ratchet_beside_traffic(
 
 def _stall_row(sizes: Sizes, work: Workdir, live: int) -> Row:
     repeats = sizes.repeats_for(live, 300_000)
-    ring = Keyring.create()
-    try:
-        with work.scratch("ratchet-beside") as path, LmdbStore.open(path) as store:
-            keeper, _ = EpochKeeper.open(store, ring, clock=SystemClock())
-            try:
-                _fill(keeper, store, live, "live")
-                runs = [_ratchet_beside_traffic(keeper, store, turn) for turn in range(repeats)]
-            finally:
-                keeper.close()
-    finally:
-        ring.seal(0.0, force=True)
+    with _keeper_with_keys(work, "ratchet-beside", live) as (keeper, store):
+        runs = [_ratchet_beside_traffic(keeper, store, turn) for turn in range(repeats)]
     return Row(
         "ratchet",
         f"longest key make + delete during a ratchet, {live:,} live keys",
@@ -191,18 +193,8 @@ def _raw_purge_rate(path: Path, seconds: float) -> float:
 
 def _purge_row(sizes: Sizes, work: Workdir) -> Row:
     seconds = 0.3 if sizes.name == "tiny" else 3.0
-    ring = Keyring.create()
-    try:
-        with work.scratch("purges") as path, LmdbStore.open(path) as store:
-            keeper, _ = EpochKeeper.open(
-                store, ring, clock=SystemClock(), window=DEFAULT_EPOCH_WINDOW
-            )
-            try:
-                rate, ratchets = _purge_rate(keeper, store, seconds)
-            finally:
-                keeper.close()
-    finally:
-        ring.seal(0.0, force=True)
+    with _keeper_with_keys(work, "purges", 0) as (keeper, store):  # the default window
+        rate, ratchets = _purge_rate(keeper, store, seconds)
     with work.scratch("purges-raw") as path:
         path.mkdir(parents=True)
         raw = _raw_purge_rate(path, seconds)

@@ -598,11 +598,15 @@ class EpochKeeper:
         with self._one_change(wait):
             if needed is not None and not needed():
                 return None
-            with self._lock:
-                begun = self._retiring is not None
-            if begun:
-                self._change(reason, wait, resume=True)
+            self._finish_begun(reason, wait)
             return self._change(reason, wait, resume=False)
+
+    def _finish_begun(self, reason: str, wait: float) -> None:
+        """Finish the change a failed ratchet left begun, if any (``_changing`` held)."""
+        with self._lock:
+            begun = self._retiring is not None
+        if begun:
+            self._change(reason, wait, resume=True)
 
     def _change(self, reason: str, wait: float, *, resume: bool) -> EpochChange:
         """One epoch change — begun here unless ``resume`` — finished and accounted."""
@@ -693,10 +697,7 @@ class EpochKeeper:
         change a failed ratchet left begun is finished first."""
         wait = self._lease_timeout if timeout is None else check_timeout(timeout)
         with self._one_change(wait):
-            with self._lock:
-                begun = self._retiring is not None
-            if begun:
-                self._change("resumed", wait, resume=True)
+            self._finish_begun("resumed", wait)
             with self._gate.exclusive(wait):
                 return master.rotate_kek(timeout=wait, rewrap=self._prepare_rotation)
 
@@ -733,9 +734,8 @@ class EpochKeeper:
         rewrapped = rewrap_round_keys(old, new, records)
         pairs = list(zip(records, rewrapped, strict=True))
         triples = [(rid, stored, blob) for (rid, stored), (_, blob) in pairs if blob is not None]
-        new_prefix = new.number.to_bytes()
         unreadable = [  # a key made since the switch (under the new epoch) is no concern
-            rid for (rid, stored), (_, blob) in pairs if blob is None and stored[1:9] != new_prefix
+            rid for (rid, stored), (_, blob) in pairs if blob is None and not _under(stored, new)
         ]
         for round_id in unreadable:
             _log.warning("epoch_rewrap_skipped", round_id=round_id.decode("ascii", "replace"))
@@ -855,6 +855,14 @@ class EpochKeeper:
                 f"EpochKeeper(epoch={self._current.number.number},"
                 f" kek_version={self._kek_version.number}, slot={self._index})"
             )
+
+
+def _under(blob: bytes, epoch: EpochKey) -> bool:
+    """Whether the wrapped round key ``blob`` names ``epoch`` (False if malformed)."""
+    try:
+        return read_wrapped_header(blob)[0] == epoch.number
+    except UnwrapFailed:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
