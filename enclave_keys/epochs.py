@@ -137,10 +137,20 @@ class _Rewrap(KekDependent):
     """An epoch change staged for a KEK rotation: the new slot is written, the rewrapped
     keys wait for the rotation's commit (all under the exclusive section)."""
 
-    def __init__(self, keeper: EpochKeeper, new: EpochKey, kek_version: KekVersion) -> None:
+    def __init__(
+        self,
+        keeper: EpochKeeper,
+        new: EpochKey,
+        kek_version: KekVersion,
+        *,
+        started: float,
+        covering: float | None,
+    ) -> None:
         self._keeper = keeper
         self._new = new
         self._kek_version = kek_version
+        self._started = started  # monotonic: when the rotation began its change
+        self._covering = covering  # monotonic: the first purge it covers, if any
         self._rewrapped = 0
         self._skipped = 0
 
@@ -156,10 +166,11 @@ class _Rewrap(KekDependent):
         take its new keyring): if the old slot cannot be wiped, the change stays begun
         and the next ratchet finishes it."""
         keeper = self._keeper
-        retiring = keeper._switch(self._new, self._kek_version, covering=None)
+        retiring = keeper._switch(self._new, self._kek_version, self._covering)
         try:
             keeper._phase("keys_rewrapped")
             keeper._retire(retiring, self._rewrapped, self._skipped, "kek")
+            keeper._account(self._started, self._covering)
         except Exception as exc:
             _log.error(
                 "epoch_change_unfinished",
@@ -702,8 +713,9 @@ class EpochKeeper:
                 return master.rotate_kek(timeout=wait, rewrap=self._prepare_rotation)
 
     def _prepare_rotation(self, new_kek: Kek) -> _Rewrap:
-        new, _ = self._stage(new_kek)
-        return _Rewrap(self, new, new_kek.version)
+        started = self._monotonic()
+        new, covering = self._stage(new_kek)
+        return _Rewrap(self, new, new_kek.version, started=started, covering=covering)
 
     def _stage(self, kek: Kek) -> tuple[EpochKey, float | None]:
         """Step 1: the next epoch key, written durably to the other slot; and the time

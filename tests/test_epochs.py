@@ -827,6 +827,63 @@ def test_a_ratchet_that_ends_after_the_window_is_counted_and_logged(
     assert keeper.window_misses == 1
 
 
+def test_a_kek_rotation_that_ends_after_the_window_is_counted_and_logged() -> None:
+    """A rotation is an epoch change too: it destroys the epoch that wrapped the purged
+    keys, so it is held to the same window as a ratchet (and times the timer's lead)."""
+    store = MemoryStore(MemoryBacking())
+    master = MasterKeys.initialise(store, SecretBytes.from_bytes(ROOT), "raw")
+    clock = ManualClock()
+    keeper, _ = EpochKeeper.open(store, master, clock=clock, window=WINDOW, monotonic=clock.now)
+    try:
+        store_key(keeper, store, "e3:kept").wipe()
+        keeper.purged()
+        clock.advance(WINDOW / 2)
+        keeper._phase_hook = taking(clock, WINDOW / 2 - 0.01)
+        keeper.rotate_kek(master)  # ends 0.99 window after the purge
+        assert keeper.window_misses == 0
+        assert keeper.pending_since is None
+        assert keeper.timer_lead == pytest.approx(WINDOW - 0.02)  # twice the rotation
+
+        keeper.purged()
+        clock.advance(WINDOW / 2)
+        keeper._phase_hook = taking(clock, WINDOW / 2 + 0.25)
+        with capture_logs() as logs:
+            keeper.rotate_kek(master)  # ends 1.25 windows after the purge
+        assert keeper.window_misses == 1
+        [missed] = [entry for entry in logs if entry["event"] == "epoch_window_missed"]
+        assert missed["late_by"] == pytest.approx(0.25)
+        assert keeper.timer_lead == pytest.approx(WINDOW)  # 2 x 0.75, at most the window
+
+        keeper._phase_hook = taking(clock, 5 * WINDOW)
+        keeper.rotate_kek(master)  # nothing purged: no window to miss
+        assert keeper.window_misses == 1
+        assert readable(keeper, store).keys() == {RoundId("e3:kept")}
+    finally:
+        keeper.close()
+        master.seal(0.0, force=True)
+
+
+def test_a_rotation_left_begun_counts_its_purge_when_a_ratchet_finishes_it() -> None:
+    slots = WipeFailingSlots()
+    store = MemoryStore(MemoryBacking(slots=slots))
+    master = MasterKeys.initialise(store, SecretBytes.from_bytes(ROOT), "raw")
+    clock = ManualClock()
+    keeper, _ = EpochKeeper.open(store, master, clock=clock, window=WINDOW, monotonic=clock.now)
+    try:
+        keeper.purged()
+        slots.refuse = keeper._index
+        keeper.rotate_kek(master)  # the old slot stays: the change is begun
+        assert keeper.window_misses == 0
+        slots.refuse = None
+        clock.advance(2 * WINDOW)
+        keeper.ratchet()  # finishes the rotation two windows after the purge
+        assert keeper.window_misses == 1
+        assert valid_slots(store) == [3]
+    finally:
+        keeper.close()
+        master.seal(0.0, force=True)
+
+
 def test_a_purge_reported_while_a_ratchet_runs_is_pending_from_its_own_time(
     timed: tuple[EpochKeeper, ManualClock],
 ) -> None:
