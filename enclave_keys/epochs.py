@@ -216,10 +216,10 @@ class EpochKeeper:
     real time (``monotonic``) for a threaded node, and starts each ratchet
     :attr:`timer_lead` seconds before the window closes: half the window, or twice the
     last ratchet's duration if that is longer, since a ratchet's cost grows with the live
-    keys it rewraps. A ratchet that destroys the old epoch later than ``window`` after the
-    first purge it covers is counted (:attr:`window_misses`) and logged
-    (``epoch_window_missed``). ``entropy`` (FOR SIMULATIONS ONLY) makes epoch keys and
-    nonces deterministic. Thread-safe.
+    keys it rewraps. An epoch change (a ratchet or a KEK rotation) that destroys the old
+    epoch later than ``window`` after the first purge it covers is counted
+    (:attr:`window_misses`) and logged (``epoch_window_missed``). ``entropy`` (FOR
+    SIMULATIONS ONLY) makes epoch keys and nonces deterministic. Thread-safe.
     """
 
     def __init__(
@@ -492,8 +492,8 @@ class EpochKeeper:
 
     @property
     def window_misses(self) -> int:
-        """Ratchets that destroyed an epoch key later than ``window`` after the first
-        purge they covered (monotonic time)."""
+        """Epoch changes (ratchets and KEK rotations) that destroyed an epoch key later
+        than ``window`` after the first purge they covered (monotonic time)."""
         with self._lock:
             return self._window_misses
 
