@@ -199,8 +199,10 @@ class MasterKeys(NoCopy):
 
         One batch writes the unseal source's ``records``, ``master.method`` and
         ``master.keyring``: all or nothing. Raises :class:`AlreadyInitialised` if the
-        store already has a keyring (it is never overwritten). Takes ownership of
-        ``root``.
+        store already has a keyring (it is never overwritten), and :class:`CorruptRecord`
+        if it names an unseal method but has no keyring: that store was initialised and
+        has lost its keyring (the batch above never writes one without the other), and
+        a new one would orphan every round key in it. Takes ownership of ``root``.
         """
         try:
             method = _check_method(method)
@@ -208,6 +210,11 @@ class MasterKeys(NoCopy):
             wait = check_timeout(lease_timeout, "lease_timeout")
             if cls.is_initialised(store):
                 raise AlreadyInitialised("the store already has a keyring")
+            if store.get_meta(METHOD_RECORD) is not None:
+                raise CorruptRecord(
+                    f"the store has {METHOD_RECORD} but no {KEYRING_RECORD}: it was"
+                    " initialised and its keyring is lost; refusing to make a new one over it"
+                )
             ring = Keyring.create(entropy)
             try:
                 blob = ring.seal_to(root)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -268,6 +269,10 @@ class Node:
         return self._started().keyshare
 
     @property
+    def reaper(self) -> ReaperCore:
+        return self._started().reaper
+
+    @property
     def recovery(self) -> RecoveryReport:
         if self._recovery is None:
             raise LifecycleError("the node has not started")
@@ -359,11 +364,11 @@ class Node:
         with self._lock:
             runtime = self._runtime_or_raise()
             runtime.publish([NodeSealed()], source=NODE_SOURCE)
-            self.snapshot()
             covered = False
             try:
+                settled = self._settle_for_stop()
                 self.epochs.ratchet_pending()
-                covered = True
+                covered = settled
             finally:
                 # Sealed even if that ratchet failed (as NodeSealed says): the keys leave
                 # memory, no clean mark is written, and the next start ratchets.
@@ -478,12 +483,16 @@ class Node:
         return _Cores(
             router=RouterCore(self._registry, horizon=cfg.completed_horizon),
             round_cipher=RoundCipherCore(
-                self._store, epochs, self._registry, lease_timeout=cfg.lease_timeout
+                self._store,
+                epochs,
+                self._registry,
+                lease_timeout=cfg.lease_timeout,
+                horizon=cfg.completed_horizon,
             ),
             keyshare=KeyshareCore(
                 self._registry, share_size=cfg.share_size, horizon=cfg.completed_horizon
             ),
-            reaper=ReaperCore(grace=cfg.reaper_grace),
+            reaper=ReaperCore(grace=cfg.reaper_grace, horizon=cfg.completed_horizon),
         )
 
     def _build_runtime(self, cores: _Cores) -> Runtime:
@@ -612,9 +621,17 @@ class Node:
             _log.info("node_stopped")
 
     def _settle_for_stop(self) -> bool:
-        """Snapshot a settled node; False (no snapshot) if its actors were stopped from
-        outside. Then the cores may have missed events already in the log, so a snapshot
-        could skip them: the next start replays from the last one, as after a crash."""
+        """Snapshot a settled node before a stop or seal; False (no snapshot) where that
+        cannot be, logged (``node_stopping_without_snapshot``) and never raised: the stop
+        or seal must go on to cover the purges and wipe the keys. The next start then
+        replays from the last snapshot, as after a crash. No snapshot when:
+
+        * the actors were stopped from outside: the cores may have missed events already
+          in the log, so a snapshot could skip them;
+        * a handler's publish could not be committed (the report ``wait_idle`` raises):
+          its core may hold what it published, which never reached the log;
+        * the node did not settle in time, or the snapshot could not be written.
+        """
         if self._runtime is None or self._cores is None:
             return True
         try:
@@ -622,6 +639,13 @@ class Node:
         except ActorsStopped:
             _log.error("node_stopping_without_snapshot", why="actors_stopped_from_outside")
             self._runtime.stop()  # stop what is left and join it: no lease is held after
+            return False
+        except (StoreError, LifecycleError) as exc:
+            _log.error(
+                "node_stopping_without_snapshot",
+                why="not_settled",
+                error_type=type(exc).__qualname__,
+            )
             return False
         return True
 
@@ -674,25 +698,40 @@ class Node:
         ``clean``: every purge was covered by an epoch change just before (a stop or
         seal); once the actors are stopped that is recorded, and the next start skips
         its ratchet (:meth:`EpochKeeper.mark_clean`).
+
+        Every step runs even if one before it failed — an actor that did not stop in
+        time must not keep the keys in memory — and the first error is raised at the end.
         """
+        errors: list[Exception] = []
+
+        def step(action: Callable[[], object]) -> bool:
+            try:
+                action()
+            except Exception as exc:
+                errors.append(exc)
+                return False
+            return True
+
         if self._runtime is not None:
-            self._runtime.stop()
-            self._runtime = None
+            runtime, self._runtime = self._runtime, None
+            clean = step(runtime.stop) and clean  # an actor still running may purge
         if self._cores is not None:
-            self._cores.round_cipher.wipe_all()
-            self._cores = None
+            cores, self._cores = self._cores, None
+            step(cores.round_cipher.wipe_all)
         if self._epochs is not None:
+            epochs, self._epochs = self._epochs, None
             if clean:
-                self._mark_clean(self._epochs)
-            self._epochs.close()
-            self._epochs = None
-        self._close_contexts()
+                self._mark_clean(epochs)
+            step(epochs.close)
+        step(self._close_contexts)
         if self._ceremony is not None:
-            self._ceremony.reset()
-            self._ceremony = None
+            ceremony, self._ceremony = self._ceremony, None
+            step(ceremony.reset)
         if self._master is not None:
-            self._master.seal(self._config.lease_timeout, force=True)
-            self._master = None
+            master, self._master = self._master, None
+            step(lambda: master.seal(self._config.lease_timeout, force=True))
+        if errors:
+            raise errors[0]
 
     @staticmethod
     def _mark_clean(epochs: EpochKeeper) -> None:
@@ -703,11 +742,15 @@ class Node:
 
     def _abandon(self, *, clean: bool = False) -> None:
         self._stopped = True
-        self._shut_down(clean=clean)
-        if self._owns_store:
-            self._store.close()
-        if self._claim is not None:
-            self._claim.release()
+        try:
+            self._shut_down(clean=clean)
+        finally:
+            try:
+                if self._owns_store:
+                    self._store.close()
+            finally:
+                if self._claim is not None:
+                    self._claim.release()
 
     def _close_contexts(self) -> None:
         for rid in self._registry.round_ids():

@@ -3,9 +3,18 @@
 :class:`ReaperCore` tracks every opened round's deadline (from ``RoundOpened``) and its
 last non-terminal stage (from ``RoundStageChanged``) until ``RoundComplete``. When the
 runtime reads its clock it calls :meth:`ReaperCore.tick`; every round still open past
-``deadline + grace`` is failed once with ``deadline_exceeded`` (a timeout reason, which
-the router turns into completion, which purges the key). Deadlines are absolute POSIX
-times carried in the log, so they survive restarts.
+``deadline + grace`` is failed with ``deadline_exceeded`` (a timeout reason, which the
+router turns into completion, which purges the key). Deadlines are absolute POSIX times
+carried in the log, so they survive restarts.
+
+The reaper is the safety net, so it does not give up: a round still open
+:meth:`ReaperCore.refire_interval` seconds after it was failed is failed again. That
+covers every way the ending can go missing — the failure's own group commit failed, or
+the router's ``RoundComplete`` did — at the cost of a duplicate failure, which the router
+ignores once the round is complete. When a round was failed is kept in memory only
+(from the tick, or the logged failure's timestamp); a round restored from a snapshot as
+failed but still open is failed again at the next tick: after a restart, nothing that
+could still end it is in flight.
 """
 
 from __future__ import annotations
@@ -37,13 +46,17 @@ _log = structlog.get_logger(__name__)
 
 DEFAULT_GRACE: Final = 30.0
 """Seconds past a round's deadline before the reaper fails it."""
+MIN_REFIRE_INTERVAL: Final = 1.0
+"""Fewest seconds between two failures of one round (the interval is the grace, at least
+this)."""
 
 _SNAPSHOT_VERSION: Final = 2  # 2: "requested" rounds
 
 
 @dataclass(slots=True)
 class TrackedRound:
-    """A live round as the reaper sees it. ``fired``: it was already failed by deadline."""
+    """A live round as the reaper sees it. ``fired``: it was already failed by deadline
+    (and is failed again while it stays open, see the module docstring)."""
 
     deadline: float
     stage: RoundStage = RoundStage.REQUESTED
@@ -73,6 +86,7 @@ class ReaperCore:
         if self._grace < 0:
             raise ValueError("grace must be >= 0")
         self._rounds: dict[RoundId, TrackedRound] = {}
+        self._fired_at: dict[RoundId, float] = {}  # when each fired round was last failed
         # A RoundComplete can precede the round's RoundOpened in the log (both published
         # around one request): such a round must never be tracked, let alone reaped.
         self._completed = RecentRounds(horizon)
@@ -83,6 +97,11 @@ class ReaperCore:
     @property
     def grace(self) -> float:
         return self._grace
+
+    @property
+    def refire_interval(self) -> float:
+        """Seconds after which a round failed by deadline, still open, is failed again."""
+        return max(self._grace, MIN_REFIRE_INTERVAL)
 
     def tracked(self) -> dict[RoundId, TrackedRound]:
         """A copy of the tracked rounds."""
@@ -96,8 +115,8 @@ class ReaperCore:
     def replay(self, stored: StoredEvent) -> None:
         """Apply an already-logged event (the same as :meth:`handle`, which returns nothing).
 
-        A logged ``deadline_exceeded`` failure marks the round as fired, so a restart does
-        not fail it a second time.
+        A logged ``deadline_exceeded`` failure marks the round as fired at the event's
+        timestamp: it is failed again only if it is still open a refire interval later.
         """
         event = stored.payload
         if isinstance(event, RoundRequested):
@@ -112,6 +131,7 @@ class ReaperCore:
             if rid in self._requested or rid in self._rounds:
                 self._completed.add(rid)
             self._rounds.pop(rid, None)
+            self._fired_at.pop(rid, None)
             return
         tracked = None if rid is None else self._rounds.get(rid)
         if rid is None or tracked is None:
@@ -121,25 +141,31 @@ class ReaperCore:
                 tracked.stage = event.stage
         elif isinstance(event, RoundFailed) and event.reason is FailureReason.DEADLINE_EXCEEDED:
             tracked.fired = True
+            self._fired_at[rid] = stored.timestamp
 
     def tick(self, now: float) -> Sequence[Event]:
-        """Fail, once each, the rounds still open past ``deadline + grace`` at ``now``."""
+        """Fail the rounds still open past ``deadline + grace`` at ``now``: once, and again
+        every refire interval while they stay open."""
         now = _finite(now, "now")
+        refire_before = now - self.refire_interval
         overdue = sorted(
             (t.deadline, rid)
             for rid, t in self._rounds.items()
-            if not t.fired and t.deadline + self._grace < now
+            if t.deadline + self._grace < now
+            and not (t.fired and self._fired_at.get(rid, -math.inf) > refire_before)
         )
         failures: list[Event] = []
         for deadline, rid in overdue:
             tracked = self._rounds[rid]
-            tracked.fired = True
+            again, tracked.fired = tracked.fired, True
+            self._fired_at[rid] = now
             _log.warning(
                 "round_deadline_exceeded",
                 round_id=rid.value,
                 stage=tracked.stage.value,
                 deadline=deadline,
                 now=now,
+                again=again,
             )
             failures.append(
                 RoundFailed(
@@ -195,6 +221,7 @@ class ReaperCore:
         )
         self._completed = completed
         self._requested = requested
+        self._fired_at = {}  # not in a snapshot: a fired round still open fails again
 
     def __repr__(self) -> str:
         return f"ReaperCore(tracked={len(self._rounds)}, grace={self._grace})"

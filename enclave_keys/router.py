@@ -11,7 +11,9 @@ returns the events it asks for. Rules:
 * ``RoundFailed`` with a timeout reason, or any reason that is neither timeout nor
   misbehaviour, ends the round: ``RoundComplete`` is published at once. A misbehaviour
   failure keeps the context for the accusation phase (a later ``RoundComplete`` or the
-  deadline reaper ends it);
+  deadline reaper ends it). Further failures of an ending round are ignored, except the
+  reaper's ``deadline_exceeded``: a round still open then lost its ``RoundComplete``
+  (the commit failed), so it is published again;
 * ``RoundComplete`` tears the round down: its context is closed and it becomes completed;
 * for a completed round, late terminal events (a terminal stage change, a timeout
   failure, a repeated ``RoundComplete``) are ignored silently, other external protocol
@@ -42,6 +44,7 @@ from enclave_keys.events import (
     DecryptionShareFailed,
     DecryptionShareRequested,
     Event,
+    FailureReason,
     KeyshareCreated,
     RoundAlreadyCompleted,
     RoundComplete,
@@ -203,6 +206,15 @@ def _route_open(round_id: RoundId, current: OpenRound, event: Event) -> Decision
         return Decision(Action.TEAR_DOWN, round_id, "round_complete")
     if isinstance(event, RoundFailed):
         if current.ending:
+            if event.reason is FailureReason.DEADLINE_EXCEEDED:
+                # Still open at the reaper's deadline although ending: the RoundComplete
+                # asked for earlier never reached the log (its commit failed). Again.
+                return Decision(
+                    Action.END,
+                    round_id,
+                    "ending_past_deadline",
+                    publish=(RoundComplete(round_id=round_id),),
+                )
             return _ignore(round_id, "already_ending")
         if event.reason.is_misbehaviour:
             return Decision(Action.ACCUSE, round_id, "misbehaviour")

@@ -257,6 +257,19 @@ def test_initialise_refuses_an_initialised_store(master: MasterKeys, store: Stor
     assert store.get_meta("unseal.shamir") is None
 
 
+def test_initialise_refuses_a_store_that_lost_its_keyring(master: MasterKeys, store: Store) -> None:
+    """A store with a method record but no keyring was initialised: a new keyring over
+    it (what a node's start would do for a store with none) would orphan every round key."""
+    with store.write() as batch:
+        batch.delete_meta(KEYRING_RECORD)
+    root = root_key(OTHER_ROOT)
+    with pytest.raises(CorruptRecord, match="keyring is lost"):
+        MasterKeys.initialise(store, root, "passphrase")
+    assert root.is_wiped
+    assert store.get_meta(KEYRING_RECORD) is None
+    assert MasterKeys.method_of(store) == "passphrase"
+
+
 def test_a_failed_initialise_writes_nothing() -> None:
     store = RecordingStore()
     before = disk(store)

@@ -51,16 +51,37 @@ def test_reaper_is_a_ticking_handler(reaper: ReaperCore) -> None:
     assert reaper.name == "reaper"
 
 
-def test_fires_once_past_deadline_plus_grace(reaper: ReaperCore, clock: ManualClock) -> None:
+def test_fires_past_deadline_plus_grace_and_again_while_open(
+    reaper: ReaperCore, clock: ManualClock
+) -> None:
     clock.set(DEADLINE)
     assert reaper.tick(clock.now()) == []
     clock.set(DEADLINE + GRACE)
     assert reaper.tick(clock.now()) == []  # not before: strictly past deadline + grace
     clock.advance(0.001)
     assert reaper.tick(clock.now()) == [overdue()]
-    clock.advance(3600)
-    assert reaper.tick(clock.now()) == []  # not again
     assert reaper.tracked()[R].fired
+    assert reaper.refire_interval == GRACE
+    clock.advance(GRACE - 0.001)
+    assert reaper.tick(clock.now()) == []  # its ending may still be on its way
+    clock.advance(0.001)
+    assert reaper.tick(clock.now()) == [overdue()]  # it never came: again
+    reaper.handle(stored(RoundComplete(round_id=R)))
+    clock.advance(3600)
+    assert reaper.tick(clock.now()) == []  # ended: never again
+
+
+def test_a_failure_that_never_reached_the_log_is_repeated(clock: ManualClock) -> None:
+    """The reaper's own failure is lost (its group commit failed): the round is failed
+    again a refire interval later -- at least a second, whatever the grace."""
+    reaper = ReaperCore(grace=0.0)
+    reaper.handle(stored(RoundOpened(round_id=R, deadline=DEADLINE)))
+    clock.set(DEADLINE + 1)
+    [first] = reaper.tick(clock.now())
+    clock.advance(0.5)
+    assert reaper.tick(clock.now()) == []
+    clock.advance(0.5)
+    assert reaper.tick(clock.now()) == [first]
 
 
 def test_fails_at_the_last_known_stage(reaper: ReaperCore, clock: ManualClock) -> None:
@@ -102,12 +123,17 @@ def test_a_duplicate_opened_changes_nothing(reaper: ReaperCore, clock: ManualClo
     assert reaper.tracked()[R] == TrackedRound(DEADLINE, RoundStage.REQUESTED, fired=True)
 
 
-def test_a_logged_deadline_failure_is_not_repeated_after_a_restart(clock: ManualClock) -> None:
+def test_a_logged_deadline_failure_counts_from_its_timestamp_after_a_restart(
+    clock: ManualClock,
+) -> None:
     restarted = ReaperCore(grace=GRACE)
     restarted.replay(stored(RoundOpened(round_id=R, deadline=DEADLINE)))
-    restarted.replay(stored(overdue(), source="reaper"))
-    clock.set(DEADLINE + GRACE + 1)
-    assert restarted.tick(clock.now()) == []
+    fired_at = DEADLINE + GRACE + 1
+    restarted.replay(stored(overdue(), source="reaper", timestamp=fired_at))
+    clock.set(fired_at + 1)
+    assert restarted.tick(clock.now()) == []  # not repeated at once
+    clock.set(fired_at + GRACE)
+    assert restarted.tick(clock.now()) == [overdue()]  # still open: repeated
 
 
 def test_other_failures_do_not_count_as_fired(reaper: ReaperCore, clock: ManualClock) -> None:
@@ -138,6 +164,9 @@ def test_snapshot_round_trips_through_msgpack(reaper: ReaperCore, clock: ManualC
     restored = ReaperCore(grace=GRACE)
     restored.restore_state(msgpack.unpackb(msgpack.packb(snapshot), raw=False))
     assert restored.snapshot_state() == snapshot
+    # Failed before the snapshot and still open after the restart: nothing that could
+    # end it is in flight any more, so it is failed again at once.
+    assert restored.tick(clock.now()) == [overdue()]
     assert restored.tick(clock.now()) == []
 
 

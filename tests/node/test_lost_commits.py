@@ -1,0 +1,251 @@
+"""A node whose commits fail now and then still ends every round, and stops and seals.
+
+A group commit can fail (a full disk, an I/O error) after a core has decided what to
+publish: the reaper's deadline failure, or the router's ``RoundComplete``. Nothing
+retries the publish itself, so the cores must not rely on it: the reaper fails a round
+again while it stays open, and the router asks again for the completion of an ending
+round the reaper fails. Stop and seal must still cover the purges and wipe the keys
+when such a failure is waiting to be reported. Both runtimes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+from structlog.testing import capture_logs
+
+from enclave_keys.clock import ManualClock
+from enclave_keys.errors import LifecycleError, Sealed, StoreError
+from enclave_keys.events import (
+    FailureReason,
+    RoundComplete,
+    RoundFailed,
+    RoundPurged,
+    RoundRequested,
+    RoundStage,
+)
+from enclave_keys.ids import RoundId
+from enclave_keys.node import Node, NodeConfig
+from enclave_keys.runtime import PykkaRuntime
+from enclave_keys.store import MemoryBacking, MemoryStore
+from enclave_keys.testing.fakes import FaultyStore, FixedKeyUnseal
+from tests.node.conftest import RUNTIMES, T0, RuntimeName
+
+R = RoundId("e3:lost")
+DEADLINE = T0 + 10.0
+
+
+def request(round_id: RoundId = R, deadline: float = DEADLINE) -> RoundRequested:
+    return RoundRequested(round_id=round_id, deadline=deadline, threshold=2, committee_size=3)
+
+
+@pytest.fixture(params=RUNTIMES)
+def config(request: pytest.FixtureRequest) -> NodeConfig:
+    runtime: RuntimeName = request.param
+    return NodeConfig(runtime=runtime, harden=False, reaper_grace=0.0, idle_timeout=20.0)
+
+
+class SkippingFaultyStore(FaultyStore):
+    """A FaultyStore that can let some writes through before the failing ones."""
+
+    skip = 0
+
+    def fail_after(self, writes: int) -> None:
+        """Let ``writes`` writes through, then fail the next one."""
+        self.skip, self.fail_writes = writes, 1
+
+    def _maybe_fail(self) -> None:
+        if self.skip > 0:
+            self.skip -= 1
+            return
+        super()._maybe_fail()
+
+
+class Nodes:
+    """Opens nodes over one in-memory backing (through a FaultyStore); stops them all."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.backing = MemoryBacking()
+        self.clock = ManualClock(T0)
+        self.config = config
+        self.opened: list[Node] = []
+
+    def open(self, **changes: object) -> tuple[Node, SkippingFaultyStore]:
+        store = SkippingFaultyStore(MemoryStore(self.backing))
+        config = replace(self.config, **changes)  # type: ignore[arg-type]
+        node = Node(store, FixedKeyUnseal(1), clock=self.clock, config=config)
+        node.start()
+        self.opened.append(node)
+        return node, store
+
+    def tick(self, node: Node, seconds: float) -> None:
+        self.clock.advance(seconds)
+        node.tick()
+        node.wait_idle(20.0)
+
+
+@pytest.fixture
+def nodes(config: NodeConfig) -> Iterator[Nodes]:
+    made = Nodes(config)
+    yield made
+    for node in made.opened:
+        node.crash()
+
+
+def payloads(node: Node, kind: type[object]) -> list[object]:
+    return [s.payload for s in node.store.read_events() if isinstance(s.payload, kind)]
+
+
+def test_a_deadline_failure_whose_commit_failed_is_made_again(nodes: Nodes) -> None:
+    node, store = nodes.open()
+    node.publish(request())
+    node.wait_idle(20.0)
+    store.fail_writes = 1  # the reaper's RoundFailed is not committed
+    nodes.clock.advance(100)
+    node.tick()
+    with pytest.raises(StoreError):
+        node.wait_idle(20.0)  # the failed publish is reported
+    assert payloads(node, RoundFailed) == []
+    assert node.store.get_key(R) is not None
+
+    nodes.tick(node, node.reaper.refire_interval)
+
+    assert [f.reason for f in payloads(node, RoundFailed)] == [  # type: ignore[attr-defined]
+        FailureReason.DEADLINE_EXCEEDED
+    ]
+    assert len(payloads(node, RoundPurged)) == 1
+    assert node.store.get_key(R) is None
+
+
+def test_a_round_failed_before_a_snapshot_and_still_open_is_failed_again_after_restart(
+    nodes: Nodes,
+) -> None:
+    """The snapshot remembers that the reaper failed the round, not that the failure
+    never reached the log: after a restart the round is failed again at once."""
+    node, store = nodes.open()
+    node.publish(request())
+    node.wait_idle(20.0)
+    store.fail_writes = 1
+    nodes.clock.advance(100)
+    node.tick()
+    with pytest.raises(StoreError):
+        node.wait_idle(20.0)
+    node.snapshot()  # fired, but open
+    node.crash()
+
+    restarted, _ = nodes.open()
+    nodes.tick(restarted, 0.001)
+    assert restarted.store.get_key(R) is None
+    assert R in restarted.router.completed_rounds()
+
+
+def test_an_ending_round_whose_complete_was_lost_ends_at_its_deadline(nodes: Nodes) -> None:
+    node, store = nodes.open()
+    node.publish(request())
+    node.wait_idle(20.0)
+    # The external failure commits; the router's RoundComplete, the next write, does not.
+    store.fail_after(1)
+    node.publish(
+        RoundFailed(round_id=R, failed_at=RoundStage.COMPUTE, reason=FailureReason.COMPUTE_TIMEOUT)
+    )
+    with pytest.raises(StoreError):
+        node.wait_idle(20.0)
+    assert payloads(node, RoundComplete) == []
+    assert node.router.open_rounds()[R].ending
+
+    nodes.tick(node, 100)  # the reaper fails it past its deadline: completed at last
+
+    assert len(payloads(node, RoundComplete)) == 1
+    assert node.store.get_key(R) is None
+    assert R not in node.router.open_rounds()
+
+
+def fail_one_handler_publish(nodes: Nodes, node: Node, store: FaultyStore) -> None:
+    """A round purged (its epoch change pending: the node's epoch window is long), then
+    a handler publish that fails and is not yet reported."""
+    node.publish(request(RoundId("e3:purged"), deadline=T0 + 10_000), request())
+    node.wait_idle(20.0)  # keyed
+    node.publish(RoundComplete(round_id=RoundId("e3:purged")))
+    node.wait_idle(20.0)
+    assert node.epochs.pending_since is not None
+    store.fail_writes = 1
+    nodes.clock.advance(100)
+    node.tick()  # the reaper's failure of R is not committed
+    runtime = node._runtime
+    if isinstance(runtime, PykkaRuntime):  # settled, without taking the report
+        assert runtime._in_flight.wait_until(lambda n: n == 0, 20.0)
+    assert store.fail_writes == 0
+
+
+def test_stop_covers_the_purges_when_a_handler_publish_failed(nodes: Nodes) -> None:
+    node, store = nodes.open(epoch_window=10_000.0)
+    fail_one_handler_publish(nodes, node, store)
+    epochs = node.epochs
+    changes = epochs.changes
+
+    with capture_logs() as logs:
+        node.stop()  # settles, reports nothing: the stop goes on
+
+    assert epochs.changes == changes + 1
+    assert epochs.pending_since is None
+    [skipped] = [e for e in logs if e["event"] == "node_stopping_without_snapshot"]
+    assert skipped["error_type"] == "StoreError"
+    assert node.sealed
+
+
+def test_seal_seals_when_a_handler_publish_failed(nodes: Nodes) -> None:
+    node, store = nodes.open(epoch_window=10_000.0)
+    fail_one_handler_publish(nodes, node, store)
+    epochs = node.epochs
+    changes = epochs.changes
+
+    node.seal()
+
+    assert node.sealed
+    assert epochs.changes == changes + 1
+    with pytest.raises(Sealed):
+        node.publish(request(RoundId("e3:after")))
+
+
+def test_stop_wipes_every_key_even_if_the_actors_do_not_stop(nodes: Nodes) -> None:
+    """A runtime whose stop fails (an actor stuck past its timeout): the keys, the epoch
+    and the keyring are wiped all the same, the store is closed, then the error is
+    raised."""
+    node, _ = nodes.open()
+    node.publish(request(deadline=T0 + 10_000))
+    node.wait_idle(20.0)
+    held = node.round_cipher.cipher_of(R)
+    assert held is not None
+    runtime = node._runtime
+    assert runtime is not None
+    real_stop = runtime.stop
+
+    def stuck() -> None:
+        real_stop()
+        raise LifecycleError("1 actor(s) did not stop within 10.0 s")
+
+    runtime.stop = stuck  # type: ignore[method-assign]
+    master = node.master
+    with pytest.raises(LifecycleError, match="did not stop"):
+        node.stop()
+    assert held.is_wiped
+    assert master.is_sealed
+    assert node.sealed
+
+
+def test_the_completed_horizon_reaches_every_core(nodes: Nodes) -> None:
+    """With a horizon of one, a round completed two rounds ago is forgotten by every core
+    alike: requested again, it is opened, keyed and reaped like a new one."""
+    node, _ = nodes.open(completed_horizon=1)
+    for name in ("a", "b"):
+        node.publish(request(RoundId(name), deadline=T0 + 10_000))
+        node.publish(RoundComplete(round_id=RoundId(name)))
+        node.wait_idle(20.0)
+    node.publish(request(RoundId("a")))
+    node.wait_idle(20.0)
+    assert node.round_cipher.cipher_of(RoundId("a")) is not None
+    assert RoundId("a") in node.reaper.tracked()
+    nodes.tick(node, 100)
+    assert node.store.get_key(RoundId("a")) is None
