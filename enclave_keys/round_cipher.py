@@ -301,6 +301,9 @@ class RoundCipherCore:
         # Rounds whose staged key the group commit did not store (settled on the bus's
         # thread): failed by the next tick rather than left to their deadline.
         self._unstored: list[RoundId] = []
+        # Ended rounds whose key could not be deleted (the group commit and the retry
+        # alone both failed): deleted again by the next tick, until it works.
+        self._undeleted: set[RoundId] = set()
 
     # --- queries ------------------------------------------------------------------------
 
@@ -411,10 +414,19 @@ class RoundCipherCore:
         write.settle(committed=True)
 
     def tick(self, now: float) -> Sequence[Event]:
-        """Fail the rounds whose key was made but never stored (its group commit failed):
-        they cannot go on, and should not wait for their deadline. Once each."""
+        """Delete again the keys of ended rounds whose delete failed, and fail the rounds
+        whose key was made but never stored (its group commit failed): they cannot go
+        on, and should not wait for their deadline. Once each."""
         with self._lock:
             unstored, self._unstored = self._unstored, []
+            undeleted, self._undeleted = sorted(self._undeleted), set()
+        for rid in undeleted:
+            if self.cipher_of(rid) is not None:
+                continue  # keyed afresh (never while the old key is stored): keep it
+            try:
+                self._write(_DeleteKey(self, rid, self._ratchet_guard(rid)))
+            except Exception:  # settled as not committed: retried, else kept for the next
+                pass
         failed: list[Event] = []
         for rid in unstored:
             if self._registry.get(rid) is None or rid in self._completed:
@@ -488,13 +500,20 @@ class RoundCipherCore:
 
     def _retry_delete(self, rid: RoundId) -> None:
         """A delete whose group was never committed (a failed commit, a runtime stopping):
-        try it alone, at once — a completed round's key must not stay on disk."""
+        try it alone, at once — a completed round's key must not stay on disk. If that
+        fails too, every tick tries again (until then each epoch change rewraps the key,
+        so it stays recoverable: the delete is what ends that); a restart's recovery
+        sweep deletes it as well (its round is not live)."""
         try:
             self._store.delete_key(rid)
         except Exception as exc:
-            # The recovery sweep deletes it at the next start (its round is not live).
+            with self._lock:
+                self._undeleted.add(rid)
             _log.error(
-                "round_key_delete_failed", round_id=rid.value, error_type=type(exc).__qualname__
+                "round_key_delete_failed",
+                round_id=rid.value,
+                error_type=type(exc).__qualname__,
+                retry="next_tick",
             )
 
     # --- staging (the Staging protocol) -------------------------------------------------

@@ -11,12 +11,16 @@ when such a failure is waiting to be reported. Both runtimes.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
+from pathlib import Path
+from typing import cast
 
 import pytest
 from structlog.testing import capture_logs
 
 from enclave_keys.clock import ManualClock
+from enclave_keys.crypto import SecretBytes
 from enclave_keys.errors import LifecycleError, Sealed, StoreError
 from enclave_keys.events import (
     FailureReason,
@@ -29,8 +33,10 @@ from enclave_keys.events import (
 from enclave_keys.ids import RoundId
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.runtime import PykkaRuntime
-from enclave_keys.store import MemoryBacking, MemoryStore
-from enclave_keys.testing.fakes import FaultyStore, FixedKeyUnseal
+from enclave_keys.store import LmdbStore, MemoryBacking, MemoryStore, WriteBatch
+from enclave_keys.testing.fakes import FaultyStore, FixedKeyUnseal, InjectedFault
+from enclave_keys.testing.forensics import scan_data_dir
+from enclave_keys.unseal import KeyUnseal
 from tests.node.conftest import RUNTIMES, T0, RuntimeName
 
 R = RoundId("e3:lost")
@@ -249,3 +255,75 @@ def test_the_completed_horizon_reaches_every_core(nodes: Nodes) -> None:
     assert RoundId("a") in node.reaper.tracked()
     nodes.tick(node, 100)
     assert node.store.get_key(RoundId("a")) is None
+
+
+class _NoticingDeletes:
+    """A write batch that counts the round-key deletes made through it."""
+
+    def __init__(self, batch: WriteBatch) -> None:
+        self._batch = batch
+        self.deletes = 0
+
+    def delete_key(self, round_id: RoundId) -> None:
+        self.deletes += 1
+        self._batch.delete_key(round_id)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._batch, name)
+
+
+class RefusingDeletes(FaultyStore):
+    """Refuses every write that deletes a round key while ``refuse`` is set (a disk that
+    is full for a while): the batch, or the single delete, fails and nothing is written."""
+
+    refuse = False
+
+    def write(self) -> AbstractContextManager[WriteBatch]:
+        return self._refusing_write()
+
+    @contextmanager
+    def _refusing_write(self) -> Iterator[WriteBatch]:
+        with self.inner.write() as batch:
+            noticing = _NoticingDeletes(batch)
+            yield cast(WriteBatch, noticing)
+            if self.refuse and noticing.deletes:
+                raise InjectedFault("no space left on device")
+
+    def delete_key(self, round_id: RoundId) -> None:
+        with self.write() as batch:
+            batch.delete_key(round_id)
+
+
+def test_a_key_whose_delete_failed_is_deleted_by_a_later_tick(tmp_path: Path) -> None:
+    """The group commit of a purge fails, and so does the delete retried alone: the key
+    stays on disk, and every epoch change rewraps it. Once the disk is fine again the
+    next tick deletes it and the next ratchet destroys its epoch: it is unrecoverable
+    from the files, the master secret at hand."""
+    path = tmp_path / "node"
+    store = RefusingDeletes(LmdbStore.open(path))
+    clock = ManualClock(T0)
+    config = NodeConfig(runtime="deterministic", harden=False, epoch_window=1.0)
+    with SecretBytes.random(32) as master:
+        node = Node(store, KeyUnseal(master), clock=clock, config=config, owns_store=True)
+        try:
+            node.start()
+            node.publish(request(deadline=T0 + 10_000))
+            key_id = node.round_cipher.cipher_of(R)
+            assert key_id is not None
+            key = {key_id.key_id: R}
+            store.refuse = True
+            with capture_logs() as logs:
+                node.publish(RoundComplete(round_id=R))
+            assert any(e["event"] == "round_key_delete_failed" for e in logs)
+            node.epochs.ratchet()
+            assert scan_data_dir(path, master, round_of_key=key).recovered_rounds == {R}
+
+            store.refuse = False
+            clock.advance(1.0)
+            node.tick()  # deletes the key; the next ratchet covers it
+            node.epochs.ratchet_pending()
+
+            assert node.store.get_key(R) is None
+            assert scan_data_dir(path, master, round_of_key=key).recovered_rounds == set()
+        finally:
+            node.crash()
