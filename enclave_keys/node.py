@@ -386,20 +386,40 @@ class Node:
             self._runtime_or_raise()
             wait = timeout or self._config.lease_timeout
             rotation = self.epochs.rotate_kek(self.master, timeout=wait)
-            self.publish(rotation.event())
+            self._audit(rotation.event())
             return rotation
 
     def rekey_root(self, enrolment: Enrolment, method: str) -> None:
         """Re-seal the keyring under a new root (new passphrase, shares, HSM seal, or a
         migration off the environment key). Round keys are not touched. Takes ownership
-        of ``enrolment.root``. Publishes ``RootRekeyed``."""
+        of ``enrolment.root`` (wiped if the rekey fails). Publishes ``RootRekeyed``.
+
+        The records of the old method that the new one does not write are dropped; an
+        application's own method (not one of this library's) has none we know of."""
         with self._lock:
-            self._runtime_or_raise()
-            master = self.master
+            try:
+                self._runtime_or_raise()
+                master = self.master
+            except BaseException:
+                enrolment.root.wipe()
+                raise
             old_method = master.method
-            drop = [name for name in unseal_records(old_method) if name not in enrolment.records]
-            master.rekey_root(enrolment.root, method, enrolment.records, drop)
-            self.publish(RootRekeyed(old_method=old_method, new_method=method))
+            try:
+                known = unseal_records(old_method)
+            except KeyError:
+                known = ()
+            drop = [name for name in known if name not in enrolment.records]
+            master.rekey_root(enrolment.root, method, enrolment.records, drop)  # owns it now
+            self._audit(RootRekeyed(old_method=old_method, new_method=method))
+
+    def _audit(self, event: Event) -> None:
+        """Publish the audit event of a change already committed (a KEK rotation, a
+        rekey): if that fails, the change stands, so it is logged
+        (``audit_event_not_logged``), not raised as if the change had failed."""
+        try:
+            self.publish(event)
+        except EnclaveKeysError as exc:
+            _log.error("audit_event_not_logged", tag=event.TAG, error_type=type(exc).__qualname__)
 
     # --- start ------------------------------------------------------------------------
 

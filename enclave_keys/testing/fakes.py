@@ -90,6 +90,8 @@ class FaultyStore(SingleWrites):
 
     * ``fail_writes``: the next N writes (batches or single operations) raise
       :class:`InjectedFault` before anything reaches ``inner`` (so nothing is written);
+    * ``pass_writes``: that many writes go through first (fail the third write from now:
+      ``pass_writes=2, fail_writes=1``);
     * ``drop_key_deletes``: deleting a round key appears to succeed but the record stays
       (in a batch the rest of the batch is applied). Counted in ``dropped_deletes``.
 
@@ -101,10 +103,14 @@ class FaultyStore(SingleWrites):
     ) -> None:
         self.inner = inner
         self.fail_writes = fail_writes
+        self.pass_writes = 0
         self.drop_key_deletes = drop_key_deletes
         self.dropped_deletes = 0
 
     def _maybe_fail(self) -> None:
+        if self.pass_writes > 0:
+            self.pass_writes -= 1
+            return
         if self.fail_writes > 0:
             self.fail_writes -= 1
             raise InjectedFault("injected write failure")

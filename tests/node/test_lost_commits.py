@@ -53,22 +53,6 @@ def config(request: pytest.FixtureRequest) -> NodeConfig:
     return NodeConfig(runtime=runtime, harden=False, reaper_grace=0.0, idle_timeout=20.0)
 
 
-class SkippingFaultyStore(FaultyStore):
-    """A FaultyStore that can let some writes through before the failing ones."""
-
-    skip = 0
-
-    def fail_after(self, writes: int) -> None:
-        """Let ``writes`` writes through, then fail the next one."""
-        self.skip, self.fail_writes = writes, 1
-
-    def _maybe_fail(self) -> None:
-        if self.skip > 0:
-            self.skip -= 1
-            return
-        super()._maybe_fail()
-
-
 class Nodes:
     """Opens nodes over one in-memory backing (through a FaultyStore); stops them all."""
 
@@ -78,8 +62,8 @@ class Nodes:
         self.config = config
         self.opened: list[Node] = []
 
-    def open(self, **changes: object) -> tuple[Node, SkippingFaultyStore]:
-        store = SkippingFaultyStore(MemoryStore(self.backing))
+    def open(self, **changes: object) -> tuple[Node, FaultyStore]:
+        store = FaultyStore(MemoryStore(self.backing))
         config = replace(self.config, **changes)  # type: ignore[arg-type]
         node = Node(store, FixedKeyUnseal(1), clock=self.clock, config=config)
         node.start()
@@ -152,7 +136,7 @@ def test_an_ending_round_whose_complete_was_lost_ends_at_its_deadline(nodes: Nod
     node.publish(request())
     node.wait_idle(20.0)
     # The external failure commits; the router's RoundComplete, the next write, does not.
-    store.fail_after(1)
+    store.pass_writes, store.fail_writes = 1, 1
     node.publish(
         RoundFailed(round_id=R, failed_at=RoundStage.COMPUTE, reason=FailureReason.COMPUTE_TIMEOUT)
     )
