@@ -171,6 +171,20 @@ class MasterKeys(NoCopy):
         """True if the store holds a sealed keyring."""
         return store.get_meta(KEYRING_RECORD) is not None
 
+    @classmethod
+    def check_can_initialise(cls, store: Store) -> None:
+        """Raise unless :meth:`initialise` may make a keyring in ``store``: not if it has
+        one (:class:`AlreadyInitialised`), nor if it names an unseal method without one
+        (:class:`CorruptRecord`: it was initialised and lost its keyring, and a new one
+        would orphan every round key in it). Call it before enrolling a new root."""
+        if cls.is_initialised(store):
+            raise AlreadyInitialised("the store already has a keyring")
+        if store.get_meta(METHOD_RECORD) is not None:
+            raise CorruptRecord(
+                f"the store has {METHOD_RECORD} but no {KEYRING_RECORD}: it was"
+                " initialised and its keyring is lost; refusing to make a new one over it"
+            )
+
     @staticmethod
     def method_of(store: Store) -> str | None:
         """The unseal method the store was initialised with, or None."""
@@ -208,13 +222,7 @@ class MasterKeys(NoCopy):
             method = _check_method(method)
             puts, _ = _check_records(records, ())
             wait = check_timeout(lease_timeout, "lease_timeout")
-            if cls.is_initialised(store):
-                raise AlreadyInitialised("the store already has a keyring")
-            if store.get_meta(METHOD_RECORD) is not None:
-                raise CorruptRecord(
-                    f"the store has {METHOD_RECORD} but no {KEYRING_RECORD}: it was"
-                    " initialised and its keyring is lost; refusing to make a new one over it"
-                )
+            cls.check_can_initialise(store)
             ring = Keyring.create(entropy)
             try:
                 blob = ring.seal_to(root)

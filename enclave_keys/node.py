@@ -438,6 +438,7 @@ class Node:
         if MasterKeys.is_initialised(self._store):
             root = source.unlock_root(self._store)
             return MasterKeys.open(self._store, root, source.method, lease_timeout=wait)
+        MasterKeys.check_can_initialise(self._store)  # before enrol (an HSM makes a key)
         enrolment = source.enrol()
         return MasterKeys.initialise(
             self._store, enrolment.root, source.method, enrolment.records, lease_timeout=wait

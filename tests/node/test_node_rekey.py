@@ -1,6 +1,6 @@
-"""Node.rekey_root and Node.rotate_kek at their edges: the new root is the node's from the
-call on (wiped whatever fails), and a change that committed stands even if its audit
-event cannot be logged."""
+"""The node's master keys at their edges: a rekey's new root is the node's from the call
+on (wiped whatever fails); a rekey or KEK rotation that committed stands even if its
+audit event cannot be logged; a store that lost its keyring is never initialised again."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from structlog.testing import capture_logs
 
 from enclave_keys.clock import ManualClock
 from enclave_keys.crypto import SecretBytes
-from enclave_keys.errors import Sealed
+from enclave_keys.errors import CorruptRecord, Sealed
 from enclave_keys.events import KekRotated, RootRekeyed
 from enclave_keys.ids import KekVersion
+from enclave_keys.master import KEYRING_RECORD
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import MemoryBacking, MemoryStore
 from enclave_keys.testing.fakes import FaultyStore
@@ -106,3 +107,31 @@ def test_a_kek_rotation_stands_when_its_audit_event_cannot_be_logged(key: Secret
         ]
     finally:
         node.stop()
+
+
+class CountingUnseal(KeyUnseal):
+    """A KeyUnseal that counts its enrolments (an HSM's enrol makes a key in the token)."""
+
+    enrolled = 0
+
+    def enrol(self) -> Enrolment:
+        self.enrolled += 1
+        return super().enrol()
+
+
+def test_a_store_that_lost_its_keyring_is_never_initialised_again(key: SecretBytes) -> None:
+    """Its round keys are wrapped under the lost keyring's KEKs: a fresh keyring over
+    them, with whatever root the operator gives, would orphan every one of them."""
+    backing = MemoryBacking()
+    node = open_node(FaultyStore(MemoryStore(backing)), KeyUnseal(key))
+    node.stop()
+    store = MemoryStore(backing)
+    with store.write() as batch:
+        batch.delete_meta(KEYRING_RECORD)
+    source = CountingUnseal(key)
+    node = Node(store, source, clock=ManualClock(T0), config=CONFIG)
+    with pytest.raises(CorruptRecord, match="keyring is lost"):
+        node.start()
+    assert source.enrolled == 0  # refused before a new root was made
+    assert store.get_meta(KEYRING_RECORD) is None
+    node.stop()
