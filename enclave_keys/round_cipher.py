@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -423,10 +423,9 @@ class RoundCipherCore:
         for rid in undeleted:
             if self.cipher_of(rid) is not None:
                 continue  # keyed afresh (never while the old key is stored): keep it
-            try:
+            # A failure is settled as not committed: retried alone, else kept for the next.
+            with suppress(Exception):
                 self._write(_DeleteKey(self, rid, self._ratchet_guard(rid)))
-            except Exception:  # settled as not committed: retried, else kept for the next
-                pass
         failed: list[Event] = []
         for rid in unstored:
             if self._registry.get(rid) is None or rid in self._completed:
