@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -50,7 +51,7 @@ from enclave_keys.errors import (
     UnwrapFailed,
 )
 from enclave_keys.log import configure_logging
-from enclave_keys.master import MasterKeys
+from enclave_keys.master import KEYRING_RECORD, METHOD_RECORD, MasterKeys
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore, Store
 from enclave_keys.store.claim import CLAIM_FILE, DirectoryClaim, claim_holder
@@ -73,6 +74,8 @@ RUN_ROLE = "run"
 _STORE_FILES = (DATA_FILE, "lock.mdb", SLOT_FILE_NAME)
 """The files a new store may have in its directory: LMDB's two and the epoch slot file."""
 PKCS11_MODULE_ENV = "ENCLAVE_KEYS_PKCS11_MODULE"
+MAX_TICK = 3600.0
+"""The longest ``run --tick`` (seconds): a signal is acted on at the next tick."""
 
 Printer = Callable[[str], None]
 
@@ -85,7 +88,14 @@ class CliError(Exception):
 
 
 def _secret(args: argparse.Namespace, prompt: str) -> str:
-    return read_secret(prompt, fd=args.secret_fd)
+    fd: int | None = args.secret_fd
+    if fd is None:
+        return read_secret(prompt)
+    try:
+        return read_secret(prompt, fd=fd)
+    except (OSError, OverflowError) as exc:  # not an open, readable descriptor
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no such descriptor"
+        raise CliError(f"cannot read a secret from file descriptor {fd}: {why}") from None
 
 
 def _new_passphrase(args: argparse.Namespace) -> str:
@@ -133,9 +143,29 @@ def _collect_shares(node: Node, args: argparse.Namespace, out: Printer) -> None:
 
 def _method_of(data_dir: Path) -> str:
     with LmdbStore.open(data_dir, create=False) as store:
-        method = MasterKeys.method_of(store)
+        method = _initialised_method(store, data_dir)
     if method is None:
         raise UnsealMismatch(f"{data_dir} is not initialised (run `enclave-keys init`)")
+    return method
+
+
+def _initialised_method(store: Store, data_dir: Path) -> str | None:
+    """The method ``store`` was initialised with, or None if it never was.
+
+    :class:`UnsealMismatch` if it has only one of the method and keyring records (the
+    other was lost or damaged): a node given such a store would enrol a new root over
+    it and lose every round key, and ``init`` would overwrite it, so neither may run.
+    """
+    method = MasterKeys.method_of(store)
+    keyring = MasterKeys.is_initialised(store)
+    if method is None and not keyring:
+        return None
+    if method is None or not keyring:
+        missing = KEYRING_RECORD if method is not None else METHOD_RECORD
+        raise UnsealMismatch(
+            f"{data_dir} is damaged: its {missing} record is missing; restore the"
+            " directory from a backup (it is neither unsealed nor initialised again)"
+        )
     return method
 
 
@@ -197,11 +227,12 @@ def cmd_init(args: argparse.Namespace, out: Printer) -> int:
 
 
 def _is_initialised(data_dir: Path) -> bool:
-    """Whether ``data_dir`` holds an initialised store; creates nothing where none is."""
+    """Whether ``data_dir`` holds an initialised store (:class:`UnsealMismatch` if only
+    half of one: see :func:`_initialised_method`); creates nothing where none is."""
     if not (data_dir / DATA_FILE).exists():
         return False
     with LmdbStore.open(data_dir) as store:
-        return MasterKeys.is_initialised(store)
+        return _initialised_method(store, data_dir) is not None
 
 
 def _enrol(args: argparse.Namespace) -> tuple[Enrolment, list[str]]:
@@ -304,20 +335,51 @@ def cmd_rotate(args: argparse.Namespace, out: Printer) -> int:
 
 
 def cmd_rekey(args: argparse.Namespace, out: Printer) -> int:
-    with _open_node(args, out) as node:
-        shares: list[str] = []
-        if args.to == "passphrase":
-            enrolment = PassphraseUnseal(_new_passphrase(args)).enrol()
-        elif args.to == "shares":
-            threshold, count = _scheme(args.shares)
-            enrolment, shares = ShamirUnseal.enrol_shares(threshold, count)
-        else:
-            enrolment = _pkcs11(args).enrol()
-        method = {"shares": "shamir"}.get(args.to, args.to)
-        node.rekey_root(enrolment, method)
-    out(f"root key replaced: now method {method}; round keys untouched")
-    _print_shares(shares, out)
+    """Replace the root key; round keys are untouched.
+
+    Once the new root is committed the store opens with it alone, so the new shares are
+    printed at once: a step that fails after the commit (stopping the node, say) cannot
+    lose them. Such a failure still exits non-zero, and says the root was replaced.
+    """
+    method = {"shares": "shamir"}.get(args.to, args.to)
+    replaced = False
+    try:
+        with _open_node(args, out) as node:
+            enrolment, shares = _new_root(args)
+            before = node.store.get_meta(KEYRING_RECORD)
+            try:
+                node.rekey_root(enrolment, method)
+                replaced = True
+            finally:
+                replaced = replaced or _keyring_replaced(node.store, before)
+                if replaced:
+                    out(f"root key replaced: now method {method}; round keys untouched")
+                    _print_shares(shares, out)
+                else:
+                    enrolment.wipe()  # failed before the commit: the new root is unused
+    except BaseException:
+        if replaced:
+            out(f"the new root key (method {method}) is in effect, but a later step failed")
+        raise
     return 0
+
+
+def _new_root(args: argparse.Namespace) -> tuple[Enrolment, list[str]]:
+    """The enrolment (and shares, for ``shares``) of ``rekey --to``."""
+    if args.to == "passphrase":
+        return PassphraseUnseal(_new_passphrase(args)).enrol(), []
+    if args.to == "shares":
+        return ShamirUnseal.enrol_shares(*_scheme(args.shares))
+    return _pkcs11(args).enrol(), []
+
+
+def _keyring_replaced(store: Store, before: bytes | None) -> bool:
+    """Whether ``store``'s keyring is no longer ``before`` (re-sealed: a rekey committed).
+    True if it cannot be read: shares that may be unused are printed, never lost."""
+    try:
+        return store.get_meta(KEYRING_RECORD) != before
+    except EnclaveKeysError:
+        return True
 
 
 def cmd_status(args: argparse.Namespace, out: Printer) -> int:
@@ -497,7 +559,12 @@ def _parser() -> argparse.ArgumentParser:
     secrets(rekey)
 
     run = command("run", cmd_run, "run a node until SIGTERM; SIGUSR1 seals, SIGUSR2 unseals")
-    run.add_argument("--tick", type=float, default=1.0, help="seconds between reaper ticks")
+    run.add_argument(
+        "--tick",
+        type=_tick,
+        default=1.0,
+        help=f"seconds between reaper ticks (0 < T <= {MAX_TICK:g})",
+    )
     secrets(run)
 
     command("seal", cmd_seal, "ask the running node to seal (wipe every key)")
@@ -511,6 +578,17 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     return parser
+
+
+def _tick(text: str) -> float:
+    """``--tick``: a number of seconds above 0 and at most :data:`MAX_TICK` (not NaN)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TICK:  # NaN compares false
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 < T <= {MAX_TICK:g}")
+    return seconds
 
 
 def _print(line: str) -> None:

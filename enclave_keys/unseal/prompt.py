@@ -45,8 +45,10 @@ def read_secret(prompt: str, *, fd: int | None = None) -> str:
 
     From ``fd``: one line, UTF-8 (else :class:`InvalidPassphrase`); exactly one trailing
     newline (``\\n`` or ``\\r\\n``) is stripped, nothing else. The descriptor is not closed.
-    :class:`EOFError` if it is already at end of file. ``prompt`` is used only for the
-    interactive prompt. The returned ``str`` cannot be wiped: keep it short-lived.
+    :class:`EOFError` if it is already at end of file. A descriptor that cannot be read
+    raises the :class:`OSError` of ``os.read`` (errno and strerror only: no secret byte).
+    ``prompt`` is used only for the interactive prompt. The returned ``str`` cannot be
+    wiped: keep it short-lived.
     """
     if fd is None:
         return getpass.getpass(prompt)
