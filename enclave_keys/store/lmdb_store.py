@@ -101,6 +101,7 @@ class LmdbStore(StoreBase):
         self._write_lock = threading.Lock()
         self._slots: SlotFile | None = None
         self._create_slots = True
+        self._unusable: str | None = None  # why, once the memory map is lost
 
     @classmethod
     def open(
@@ -162,6 +163,12 @@ class LmdbStore(StoreBase):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"LmdbStore({str(self._path)!r}, {state})"
+
+    def _check_open(self) -> None:
+        """:class:`StoreClosed` after close(); :class:`StoreError` once the map is lost."""
+        super()._check_open()
+        if self._unusable is not None:
+            raise StoreError(self._unusable)
 
     # --- transactions -----------------------------------------------------------------
 
@@ -285,15 +292,43 @@ class LmdbStore(StoreBase):
                 " nothing was written"
             )
         new = min(_round_to_page(old * 2), self._max_map_size)
-        self._env.set_mapsize(new)
-        _cover_the_map(self._env, self._path / DATA_FILE)
+        self._set_map_size_locked(new)
+        try:
+            _cover_the_map(self._env, self._path / DATA_FILE)
+        except OSError as exc:
+            # A map past the end of the file could read there (SIGBUS): shrink it back.
+            self._set_map_size_locked(old)
+            raise StoreError(
+                f"cannot extend {DATA_FILE} to the grown map ({exc}); nothing was written"
+            ) from exc
         _log.info("store_map_grown", path=str(self._path), old_size=old, new_size=new)
 
     def _adopt_map_size(self) -> None:
         """Another process grew the map: adopt its size (``set_mapsize(0)``)."""
         with self._lock.exclusive():
             self._check_open()
-            self._env.set_mapsize(0)
+            self._set_map_size_locked(0)
+
+    def _set_map_size_locked(self, size: int) -> None:
+        """Resize the map (0: to the size in the file); the caller holds the exclusive lock.
+
+        LMDB unmaps the old map before mapping the new one, so when mapping fails (no
+        address space: ``lmdb.MemoryError``) the environment is left with no map, and
+        py-lmdb invalidates it. The store is then marked unusable: every later call
+        raises :class:`StoreError` saying so, until it is closed and opened again (the
+        file is intact: the failed batch was aborted first).
+        """
+        try:
+            self._env.set_mapsize(size)
+        except lmdb.Error as exc:
+            self._unusable = (
+                f"{self._path} lost its memory map when resizing it failed ({exc});"
+                " close the store and open it again"
+            )
+            _log.error("store_map_lost", path=str(self._path), size=size, error=str(exc))
+            raise StoreError(
+                f"cannot resize the memory map of {self._path} ({exc}); nothing was written"
+            ) from exc
 
     def _close(self) -> None:
         with self._write_lock, self._lock.exclusive():
@@ -423,6 +458,9 @@ def _open_environment(path: Path, map_size: int, *, create: bool) -> lmdb.Enviro
     try:
         _check_not_truncated(env, data_file)
         _cover_the_map(env, data_file)
+    except OSError as exc:
+        env.close()
+        raise StoreUnavailable(f"cannot check or extend {data_file}: {exc}") from exc
     except BaseException:
         env.close()
         raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from enclave_keys.errors import StoreClosed
 from enclave_keys.store import records
 from enclave_keys.store.api import (
     DeleteKey,
@@ -53,6 +54,39 @@ class MemoryBacking:
         )
 
 
+class _StoreSlots:
+    """The backing's slots as one :class:`MemoryStore` lends them: :class:`StoreClosed`
+    once that store (or this device) is closed, as ``LmdbStore``'s slot file is, while the
+    slots themselves stay in the backing for :meth:`MemoryStore.reopen`."""
+
+    __slots__ = ("_closed", "_store")
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._closed = False
+
+    def _check_open(self) -> None:
+        self._store._check_open()
+        if self._closed:
+            raise StoreClosed("the store's epoch slot device is closed")
+
+    def read(self, index: int) -> bytes:
+        with self._store.backing.lock:  # the lock close() takes: nothing slips past it
+            self._check_open()
+            return self._store.backing.slots.read(index)
+
+    def write(self, index: int, raw: bytes) -> None:
+        with self._store.backing.lock:
+            self._check_open()
+            self._store.backing.slots.write(index, raw)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return f"_StoreSlots({'closed' if self._closed else 'open'})"
+
+
 class MemoryStore(StoreBase):
     """A :class:`~enclave_keys.store.api.Store` in process memory."""
 
@@ -64,6 +98,7 @@ class MemoryStore(StoreBase):
     ) -> None:
         super().__init__(snapshot_retention=snapshot_retention)
         self._backing = MemoryBacking() if backing is None else backing
+        self._slots = _StoreSlots(self)
 
     @property
     def backing(self) -> MemoryBacking:
@@ -91,6 +126,7 @@ class MemoryStore(StoreBase):
             batch.check_against(len(data.events))
             # Nothing below can fail: the batch is applied whole.
             data.events.extend(batch.events)
+            snapshots_written = False
             for op in batch.operations:
                 match op:
                     case PutKey(key, blob):
@@ -104,17 +140,21 @@ class MemoryStore(StoreBase):
                         data.round_keys.pop(key, None)
                     case PutSnapshot(sequence, snapshot):
                         data.snapshots[sequence] = snapshot
+                        snapshots_written = True
                     case PutMeta(key, value):
                         data.meta[key] = value
                     case DeleteMeta(key):
                         data.meta.pop(key, None)
-            for sequence in snapshots_to_prune(list(data.snapshots), self._retention):
-                del data.snapshots[sequence]
+            # Pruned only by a batch that writes a snapshot, as LmdbStore does: a store
+            # reopened with a smaller retention keeps the older ones until then.
+            if snapshots_written:
+                for sequence in snapshots_to_prune(list(data.snapshots), self._retention):
+                    del data.snapshots[sequence]
 
     # --- reads ------------------------------------------------------------------------
 
     def _slot_device(self) -> SlotDevice:
-        return self._backing.slots
+        return self._slots
 
     def _last_sequence(self) -> int:
         with self._backing.lock:

@@ -6,21 +6,27 @@ snapshot and keyring versions in free pages too). The node must be stopped.
 
 Steps, each durable before the next, so a crash at any point loses nothing::
 
-    1. compacting copy (``mdb_env_copy2`` with compaction) into  DIR/scrub.tmp/data.mdb
+    1. compacting copy (``mdb_env_copyfd2`` with compaction) into  DIR/scrub.tmp/data.mdb
+       (mode 0600), and the old file's used size into  DIR/scrub.tmp/used
     2. rename  DIR/scrub.tmp  ->  DIR/scrub.ready           (the copy is complete)
-    3. overwrite every byte of DIR/data.mdb with zeros, in place, fdatasync
+    3. overwrite the used bytes of DIR/data.mdb with zeros, in place, fdatasync
     4. rename  DIR/scrub.ready/data.mdb  ->  DIR/data.mdb, remove scrub.ready
 
 :func:`finish_pending_scrub` (run by :meth:`LmdbStore.open`) completes steps 3-4 when it
 finds ``scrub.ready``, and discards a ``scrub.tmp`` left by a crash in step 1.
+Failures are the store's typed errors: a damaged page :class:`CorruptRecord`, anything
+else from LMDB or the OS :class:`StoreUnavailable`.
 What the filesystem and the device do with overwritten blocks is outside our control
 (``docs/threat-model.md``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,7 +34,7 @@ from typing import Final
 import lmdb
 import structlog
 
-from enclave_keys.errors import StoreUnavailable
+from enclave_keys.errors import CorruptRecord, StoreUnavailable
 
 __all__ = ["ScrubReport", "finish_pending_scrub", "scrub", "scrub_pending"]
 
@@ -37,6 +43,8 @@ _log = structlog.get_logger(__name__)
 DATA_FILE: Final = "data.mdb"
 TMP_DIR: Final = "scrub.tmp"
 READY_DIR: Final = "scrub.ready"
+USED_FILE: Final = "used"  # in scrub.ready: the old file's used bytes, ASCII decimal
+_FILE_MODE: Final = 0o600
 _CHUNK: Final = 1 << 20
 
 
@@ -49,6 +57,17 @@ class ScrubReport:
     overwritten: int
 
 
+@contextmanager
+def _typed_errors(what: str) -> Iterator[None]:
+    """LMDB's and the OS's failures as the store's typed errors, naming ``what`` failed."""
+    try:
+        yield
+    except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
+        raise CorruptRecord(f"{what}: LMDB reports a damaged page: {exc}") from exc
+    except (lmdb.Error, OSError) as exc:
+        raise StoreUnavailable(f"{what}: {exc}") from exc
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -57,9 +76,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _data_regions(fd: int, end: int) -> Iterator[tuple[int, int]]:
+    """The ``(start, stop)`` ranges below ``end`` that hold data, holes skipped: a hole
+    holds nothing to erase, and writing zeros into it would take real disk space (a
+    store's file is extended sparsely to its map size, up to 1 TiB). A filesystem that
+    cannot tell holes reports everything as data."""
+    offset = 0
+    while offset < end:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            stop = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                return
+            start, stop = offset, end
+        if start >= end:
+            return
+        stop = min(stop, end)
+        yield start, stop
+        offset = stop
+
+
 def _overwrite(path: Path, used: int | None = None) -> int:
-    """Zero the first ``used`` bytes of ``path`` (all of it if ``None``) in place (same
-    inode), then fdatasync. Returns how many bytes were zeroed.
+    """Zero the data in the first ``used`` bytes of ``path`` (all of it if ``None``) in
+    place (same inode), then fdatasync. Returns how many bytes were zeroed.
 
     LMDB never writes past its last page, so ``used`` = (last page + 1) x page size
     covers every byte it ever wrote; the rest of a map-sized file is a sparse hole.
@@ -70,13 +110,16 @@ def _overwrite(path: Path, used: int | None = None) -> int:
         if used is not None:
             size = min(size, used)
         zeros = bytes(_CHUNK)
-        offset = 0
-        while offset < size:
-            offset += os.pwrite(fd, zeros[: min(_CHUNK, size - offset)], offset)
+        zeroed = 0
+        for start, stop in _data_regions(fd, size):
+            offset = start
+            while offset < stop:
+                offset += os.pwrite(fd, zeros[: min(_CHUNK, stop - offset)], offset)
+            zeroed += stop - start
         os.fdatasync(fd)
     finally:
         os.close(fd)
-    return size
+    return zeroed
 
 
 def _install(directory: Path, used: int | None = None) -> int:
@@ -90,6 +133,19 @@ def _install(directory: Path, used: int | None = None) -> int:
     return overwritten
 
 
+def _recorded_used(ready: Path) -> int | None:
+    """The used size step 1 recorded; ``None`` for a marker from before it was recorded
+    (then only the holes bound the overwrite)."""
+    try:
+        raw = (ready / USED_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    if raw.strip().isdigit():
+        return int(raw)
+    _log.warning("scrub_used_size_unreadable", path=str(ready))
+    return None
+
+
 def scrub_pending(directory: Path) -> bool:
     """Whether a scrub left its working directories in ``directory`` (running, or cut
     short by a crash)."""
@@ -97,14 +153,23 @@ def scrub_pending(directory: Path) -> bool:
 
 
 def finish_pending_scrub(directory: Path) -> bool:
-    """Complete a scrub a crash interrupted; True if there was one to finish."""
-    tmp = directory / TMP_DIR
-    if tmp.exists():
-        shutil.rmtree(tmp)  # step 1 never completed: the old file is intact
-        _fsync_dir(directory)
-    if not (directory / READY_DIR / DATA_FILE).is_file():
-        return False
-    overwritten = _install(directory)
+    """Complete a scrub a crash interrupted; True if there was one to finish.
+
+    :class:`StoreUnavailable` (or :class:`CorruptRecord`) if it cannot be finished now;
+    every step may be repeated, so the next open tries again.
+    """
+    with _typed_errors(f"cannot finish the scrub interrupted in {directory}"):
+        tmp = directory / TMP_DIR
+        ready = directory / READY_DIR
+        if tmp.exists():
+            shutil.rmtree(tmp)  # step 1 never completed: the old file is intact
+            _fsync_dir(directory)
+        if not (ready / DATA_FILE).is_file():
+            if ready.exists():  # step 4 moved the copy, then the crash came
+                shutil.rmtree(ready)
+                _fsync_dir(directory)
+            return False
+        overwritten = _install(directory, _recorded_used(ready))
     _log.warning("scrub_finished_after_crash", path=str(directory), overwritten=overwritten)
     return True
 
@@ -112,37 +177,62 @@ def finish_pending_scrub(directory: Path) -> bool:
 def scrub(directory: Path) -> ScrubReport:
     """Compact the store in ``directory`` and overwrite the old file (node stopped).
 
-    :class:`StoreUnavailable` if ``directory`` holds no LMDB data file.
+    :class:`StoreUnavailable` if ``directory`` holds no usable LMDB data file (missing,
+    truncated, unreadable), :class:`CorruptRecord` if LMDB finds a damaged page while
+    copying; either way the store is left as it was.
     """
     data = directory / DATA_FILE
     if not data.is_file():
         raise StoreUnavailable(f"no store at {directory}: {DATA_FILE} does not exist")
     finish_pending_scrub(directory)
     tmp = directory / TMP_DIR
-    tmp.mkdir(mode=0o700)
-    try:
-        env = lmdb.open(str(directory), subdir=True, readonly=True, max_dbs=16, lock=True)
-    except lmdb.Error as exc:
-        shutil.rmtree(tmp)
-        raise StoreUnavailable(f"{directory} cannot be opened as an LMDB environment") from exc
-    try:
-        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        env.copy(str(tmp), compact=True)
-    except BaseException:
-        shutil.rmtree(tmp)
-        raise
-    finally:
-        env.close()
-    fd = os.open(tmp / DATA_FILE, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_dir(tmp)
-    os.replace(tmp, directory / READY_DIR)
-    _fsync_dir(directory)
-    new_size = (directory / READY_DIR / DATA_FILE).stat().st_size
-    overwritten = _install(directory, used)
+    with _typed_errors(f"cannot scrub {directory}, the store is unchanged"):
+        tmp.mkdir(mode=0o700)
+        try:
+            used = _compacting_copy(directory, tmp)
+        except BaseException:
+            shutil.rmtree(tmp)
+            raise
+        _fsync_dir(tmp)
+        os.replace(tmp, directory / READY_DIR)
+        _fsync_dir(directory)
+    with _typed_errors(f"scrub of {directory} cut short; the next open finishes it"):
+        new_size = (directory / READY_DIR / DATA_FILE).stat().st_size
+        overwritten = _install(directory, used)
     report = ScrubReport(old_size=overwritten, new_size=new_size, overwritten=overwritten)
     _log.info("store_scrubbed", path=str(directory), old_size=overwritten, new_size=new_size)
     return report
+
+
+def _compacting_copy(directory: Path, tmp: Path) -> int:
+    """Step 1: the compacted copy (mode 0600, durable) and the old file's used size,
+    recorded beside it for step 3. Returns the used size.
+
+    The environment is checked as :meth:`LmdbStore.open` checks it: a data file shorter
+    than its pages is refused, and a short one is extended to the map, since reading past
+    the end of the file would kill the process (SIGBUS) instead of raising.
+    """
+    # Imported here: lmdb_store imports this module to finish a scrub at open.
+    from enclave_keys.store.lmdb_store import _check_not_truncated, _cover_the_map
+
+    data = directory / DATA_FILE
+    env = lmdb.open(str(directory), subdir=True, readonly=True, max_dbs=16, lock=True)
+    try:
+        _check_not_truncated(env, data)
+        _cover_the_map(env, data)
+        used: int = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        fd = os.open(tmp / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        try:
+            env.copyfd(fd, compact=True)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        env.close()
+    fd = os.open(tmp / USED_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    try:
+        os.write(fd, b"%d\n" % used)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return used

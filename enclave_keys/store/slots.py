@@ -23,6 +23,7 @@ The checksum only detects torn or foreign writes (the payload authenticates itse
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -51,6 +52,7 @@ __all__ = [
 _log = structlog.get_logger(__name__)
 
 SLOT_FILE_NAME: Final = "epoch.slots"
+TMP_SUFFIX: Final = ".tmp"  # epoch.slots.tmp: the file being created (see _create)
 SLOT_SIZE: Final = 4096
 SLOT_COUNT: Final = 2
 SLOT_FILE_SIZE: Final = SLOT_SIZE * SLOT_COUNT
@@ -145,11 +147,13 @@ class SlotFile:
         path = directory / SLOT_FILE_NAME
         flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            if not create:
-                raise StoreUnavailable(f"no epoch slot file at {path}") from None
-            fd = cls._create(path, flags)
+            try:
+                fd = os.open(path, flags)
+            except FileNotFoundError:
+                if not create:
+                    raise StoreUnavailable(f"no epoch slot file at {path}") from None
+                _create(path, flags)
+                fd = os.open(path, flags)
         except OSError as exc:
             raise StoreUnavailable(f"cannot open epoch slot file {path}: {exc}") from exc
         try:
@@ -158,31 +162,13 @@ class SlotFile:
                 raise StoreUnavailable(
                     f"{path} is {size} bytes, not {SLOT_FILE_SIZE}: truncated or foreign"
                 )
+        except OSError as exc:
+            os.close(fd)
+            raise StoreUnavailable(f"cannot read the size of {path}: {exc}") from exc
         except BaseException:
             os.close(fd)
             raise
         return cls(fd, path)
-
-    @staticmethod
-    def _create(path: Path, flags: int) -> int:
-        try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot create epoch slot file {path}: {exc}") from exc
-        try:
-            os.pwrite(fd, bytes(SLOT_FILE_SIZE), 0)
-            os.fsync(fd)
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        _log.info("epoch_slot_file_created", path=str(path))
-        return fd
 
     @property
     def path(self) -> Path:
@@ -194,23 +180,34 @@ class SlotFile:
         return self._fd
 
     def read(self, index: int) -> bytes:
+        """:class:`StoreError` if the device fails (``EIO``): never a raw ``OSError``."""
         index = _check_index(index)
         with self._lock:
-            raw = os.pread(self._open_fd(), SLOT_SIZE, index * SLOT_SIZE)
+            fd = self._open_fd()
+            try:
+                raw = os.pread(fd, SLOT_SIZE, index * SLOT_SIZE)
+            except OSError as exc:
+                raise StoreError(f"cannot read slot {index} of {self._path}: {exc}") from exc
         if len(raw) != SLOT_SIZE:
             raise CorruptSlot(f"{self._path} ends inside slot {index}")
         return raw
 
     def write(self, index: int, raw: bytes) -> None:
+        """:class:`StoreError` if the device fails (``EIO``, ``ENOSPC``), so callers see
+        the store's typed error; the message names the slot, never its bytes. The slot
+        may then hold the old record, the new one or a torn mix: decoding tells."""
         index = _check_index(index)
         if not isinstance(raw, bytes) or len(raw) != SLOT_SIZE:
             raise StoreError(f"a slot write is exactly {SLOT_SIZE} bytes")
         with self._lock:
             fd = self._open_fd()
-            written = os.pwrite(fd, raw, index * SLOT_SIZE)
-            if written != SLOT_SIZE:
-                raise StoreError(f"short write to {self._path}: {written} bytes")
-            os.fdatasync(fd)
+            try:
+                written = os.pwrite(fd, raw, index * SLOT_SIZE)
+                if written != SLOT_SIZE:
+                    raise StoreError(f"short write to {self._path}: {written} bytes")
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise StoreError(f"cannot write slot {index} of {self._path}: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -220,6 +217,47 @@ class SlotFile:
 
     def __repr__(self) -> str:
         return f"SlotFile({str(self._path)!r}, {'closed' if self._fd is None else 'open'})"
+
+
+def _create(path: Path, flags: int) -> None:
+    """Create ``path`` whole — two empty slots, durable — or not at all.
+
+    The zeros are written and fsynced in ``epoch.slots.tmp`` first and only then linked to
+    the final name, so a crash never leaves a short ``epoch.slots`` (which every later open
+    would refuse as truncated, keeping the node from ever starting). A ``.tmp`` left by
+    such a crash is replaced. Linking (then unlinking the ``.tmp``) is a rename that
+    cannot replace: should another process create ``epoch.slots`` meanwhile, its file —
+    maybe already holding an epoch key — is kept, and this one is dropped.
+    Raises ``OSError``; :meth:`SlotFile.open` makes it :class:`StoreUnavailable`.
+    """
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    try:
+        try:
+            written = os.pwrite(fd, bytes(SLOT_FILE_SIZE), 0)
+            if written != SLOT_FILE_SIZE:
+                raise OSError(errno.ENOSPC, f"short write: {written} bytes")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # created by someone else meanwhile: theirs is the file
+        else:
+            _log.info("epoch_slot_file_created", path=str(path))
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MemorySlots:

@@ -379,6 +379,21 @@ def test_snapshot_retention_is_configurable(harness: Harness) -> None:
     assert store.snapshot_sequences() == [1, 2, 3]
 
 
+def test_snapshots_are_pruned_only_by_a_batch_that_writes_one(harness: Harness) -> None:
+    """Reopened with a smaller retention, a store keeps its older snapshots until a
+    batch writes a snapshot (the documented rule, on both backends)."""
+    harness.reopen(snapshot_retention=5)
+    harness.store.append_events(make_events(1, 6))
+    for sequence in range(1, 6):
+        harness.store.put_snapshot(sequence, b"snap")
+    store = harness.reopen(snapshot_retention=2)
+    store.append_events(make_events(7, 1))
+    store.put_key(R1, b"k")
+    assert store.snapshot_sequences() == [1, 2, 3, 4, 5]
+    store.put_snapshot(6, b"snap")
+    assert store.snapshot_sequences() == [5, 6]
+
+
 def test_a_snapshot_of_the_empty_log_is_allowed(store: Store) -> None:
     store.put_snapshot(0, b"genesis")
     assert store.latest_snapshot() == (0, b"genesis")

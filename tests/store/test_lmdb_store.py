@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -22,7 +23,7 @@ from enclave_keys.errors import (
     StoreUnavailable,
 )
 from enclave_keys.ids import RoundId
-from enclave_keys.store import LmdbStore
+from enclave_keys.store import LmdbStore, lmdb_store
 from enclave_keys.store.records import sequence_key
 from tests.store.helpers import make_event, make_events
 
@@ -142,6 +143,91 @@ def test_a_batch_beyond_the_maximum_map_size_writes_nothing(lmdb_path: Path) -> 
     store.append_events([make_event(4)])  # still usable
     assert [e.sequence for e in store.read_events()] == [1, 2, 3, 4]
     store.close()
+
+
+MAP_LOST_CHILD = """
+import os, resource, sys
+from enclave_keys.errors import StoreError
+from enclave_keys.store import LmdbStore
+
+store = LmdbStore.open(sys.argv[1], map_size=1 << 20)
+store.put_meta("small", b"kept")
+blob = bytes(40 << 20)  # needs a 64 MiB map: growing it must map more than allowed below
+status = [line for line in open("/proc/self/status") if line.startswith("VmSize")]
+room = int(status[0].split()[1]) * 1024 + (24 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (room, resource.RLIM_INFINITY))
+for call in (lambda: store.put_meta("big", blob), lambda: store.get_meta("small")):
+    try:
+        call()
+        print("> ok")
+    except StoreError as exc:
+        print(">", type(exc).__name__, exc)
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+store.close()
+with LmdbStore.open(sys.argv[1]) as again:
+    print("> reopened", again.get_meta("small"), again.get_meta("big"))
+"""
+
+
+def test_a_map_that_cannot_grow_is_a_store_error_and_the_store_says_so(
+    lmdb_path: Path,
+) -> None:
+    """The map cannot be mapped larger (no address space): LMDB has already unmapped the
+    old one and py-lmdb drops the environment, so the write fails with StoreError and
+    every later call says the store must be reopened; the file is intact."""
+    child = subprocess.run(
+        [sys.executable, "-c", MAP_LOST_CHILD, str(lmdb_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    results = [line for line in child.stdout.splitlines() if line.startswith("> ")]
+    write, read, reopened = (line[2:] for line in results)
+    assert write.startswith("StoreError cannot resize the memory map")
+    assert write.endswith("nothing was written")
+    assert read.startswith("StoreError")
+    assert "close the store and open it again" in read
+    assert reopened == "reopened b'kept' None"
+
+
+def test_a_data_file_that_cannot_follow_the_map_writes_nothing(
+    lmdb_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map grew but data.mdb cannot be extended to it: the map is put back and the
+    batch fails whole, typed; the store stays usable."""
+    store = LmdbStore.open(lmdb_path, map_size=64 * KIB)
+    store.append_events(make_events(1, 3))
+    map_size = store.map_size
+
+    def no_space(env: object, data_file: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lmdb_store, "_cover_the_map", no_space)
+        with pytest.raises(StoreError, match="nothing was written"):
+            store.append_events(make_events(4, 400, payload_size=2000))
+    assert store.map_size == map_size
+    assert store.last_sequence() == 3
+    store.append_events(make_events(4, 400, payload_size=2000))  # grows now
+    assert store.last_sequence() == 403
+    store.close()
+
+
+def test_a_data_file_that_cannot_cover_the_map_at_open_is_unavailable(
+    filled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def io_error(env: object, data_file: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(lmdb_store, "_cover_the_map", io_error)
+    with pytest.raises(StoreUnavailable, match="Input/output error"):
+        LmdbStore.open(filled)
+    monkeypatch.undo()
+    with LmdbStore.open(filled) as store:  # the failed open left it closed
+        assert store.last_sequence() == 5
 
 
 def test_readers_run_while_other_threads_grow_the_map(lmdb_path: Path) -> None:

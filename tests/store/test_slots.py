@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +29,9 @@ from enclave_keys.store.slots import (
 )
 from tests.store.conftest import Harness
 
+REPO = Path(__file__).resolve().parents[2]
 RECORD = SlotRecord(7, b"\x01" + bytes(range(72)))
+RAW = encode_slot(RECORD)
 
 
 def test_a_record_round_trips_and_has_the_documented_layout() -> None:
@@ -115,6 +122,19 @@ def test_a_closed_store_refuses_its_slots(harness: Harness) -> None:
         harness.store.epoch_slots()
 
 
+def test_the_slot_device_is_closed_with_its_store(harness: Harness) -> None:
+    """A device taken before close() refuses reads and writes after it, on both
+    backends; the slots themselves outlive the store (a reopen sees them)."""
+    device = harness.store.epoch_slots()
+    device.write(0, encode_slot(RECORD))
+    harness.store.close()
+    with pytest.raises(StoreClosed):
+        device.read(0)
+    with pytest.raises(StoreClosed):
+        device.write(0, bytes(SLOT_SIZE))
+    assert decode_slot(harness.reopen().epoch_slots().read(0)) == RECORD
+
+
 def test_the_slot_file_is_overwritten_in_place(tmp_path: Path) -> None:
     """Same inode, same size, old bytes gone: nothing is appended or copied."""
     with LmdbStore.open(tmp_path) as store:
@@ -154,3 +174,82 @@ def test_a_directory_in_place_of_the_slot_file_is_refused(tmp_path: Path) -> Non
     (tmp_path / SLOT_FILE_NAME).mkdir()
     with pytest.raises(StoreUnavailable):
         SlotFile.open(tmp_path)
+
+
+def _fail(code: int) -> Callable[..., None]:
+    def fail(*_args: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [("pread", errno.EIO), ("pwrite", errno.ENOSPC), ("fdatasync", errno.EIO)],
+)
+def test_a_failing_device_is_a_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, code: int
+) -> None:
+    """EIO or ENOSPC is the store's typed error, never a raw OSError (which a node's
+    tick, catching only the library's errors, would not survive)."""
+    device = SlotFile.open(tmp_path)
+    use = (lambda: device.read(0)) if call == "pread" else lambda: device.write(0, RAW)
+    try:
+        monkeypatch.setattr(os, call, _fail(code))
+        with pytest.raises(StoreError, match=os.strerror(code)) as caught:
+            use()
+        assert isinstance(caught.value.__cause__, OSError)
+        assert RECORD.payload.hex() not in str(caught.value)
+    finally:
+        monkeypatch.undo()
+        device.close()
+
+
+def test_a_crash_while_the_slot_file_is_created_leaves_none(tmp_path: Path) -> None:
+    """Killed after the file is made, before its zeros are written: the next open must
+    find no slot file (and create it), never a short one it would refuse for good."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from enclave_keys.store.slots import SlotFile\n"
+        "os.pwrite = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "SlotFile.open(Path(sys.argv[1]))\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, timeout=60, check=False
+    )
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / SLOT_FILE_NAME).exists()
+    device = SlotFile.open(tmp_path)
+    try:
+        assert device.read(0) == device.read(1) == bytes(SLOT_SIZE)
+    finally:
+        device.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SLOT_FILE_NAME]
+
+
+def test_a_stale_temporary_file_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / f"{SLOT_FILE_NAME}.tmp").write_bytes(b"left by a crash")
+    device = SlotFile.open(tmp_path)
+    device.close()
+    assert (tmp_path / SLOT_FILE_NAME).read_bytes() == bytes(SLOT_FILE_SIZE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SLOT_FILE_NAME]
+
+
+def test_creating_never_replaces_a_slot_file_made_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another creator wins the race (its file may already hold an epoch key): kept."""
+    theirs = encode_slot(RECORD) + bytes(SLOT_SIZE)
+    real_link = os.link
+
+    def link_after_them(src: str, dst: str) -> None:
+        Path(dst).write_bytes(theirs)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link_after_them)
+    device = SlotFile.open(tmp_path)
+    try:
+        assert decode_slot(device.read(0)) == RECORD
+    finally:
+        device.close()
