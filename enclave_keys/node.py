@@ -362,10 +362,12 @@ class Node:
         with :meth:`start` (a source) or :meth:`submit_share`.
         """
         with self._lock:
-            runtime = self._runtime_or_raise()
-            runtime.publish([NodeSealed()], source=NODE_SOURCE)
+            self._runtime_or_raise()
             covered = False
             try:
+                # Its audit event first; if that cannot be written (a full disk), the keys
+                # must leave memory all the same.
+                self._audit(NodeSealed())
                 settled = self._settle_for_stop()
                 self.epochs.ratchet_pending()
                 covered = settled
@@ -413,11 +415,15 @@ class Node:
             self._audit(RootRekeyed(old_method=old_method, new_method=method))
 
     def _audit(self, event: Event) -> None:
-        """Publish the audit event of a change already committed (a KEK rotation, a
-        rekey): if that fails, the change stands, so it is logged
-        (``audit_event_not_logged``), not raised as if the change had failed."""
+        """Publish the audit event of a change that stands whatever happens to it (a KEK
+        rotation or rekey already committed, a seal): if it cannot be published, that is
+        logged (``audit_event_not_logged``), not raised as if the change had failed.
+
+        No snapshot is taken here (the next publish takes it if one is due): its settling
+        would raise the report of other handlers' failed publishes, as if this change had
+        failed — and that report stays for the next ``wait_idle``."""
         try:
-            self.publish(event)
+            self._runtime_or_raise().publish([event], source=NODE_SOURCE)
         except EnclaveKeysError as exc:
             _log.error("audit_event_not_logged", tag=event.TAG, error_type=type(exc).__qualname__)
 

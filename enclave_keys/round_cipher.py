@@ -304,6 +304,9 @@ class RoundCipherCore:
         # Ended rounds whose key could not be deleted (the group commit and the retry
         # alone both failed): deleted again by the next tick, until it works.
         self._undeleted: set[RoundId] = set()
+        # Rounds whose key delete is staged or committing, not yet settled: a repeated
+        # RoundComplete finds the blob still stored, and must not purge it a second time.
+        self._deleting: set[RoundId] = set()
 
     # --- queries ------------------------------------------------------------------------
 
@@ -425,7 +428,7 @@ class RoundCipherCore:
                 continue  # keyed afresh (never while the old key is stored): keep it
             # A failure is settled as not committed: retried alone, else kept for the next.
             with suppress(Exception):
-                self._write(_DeleteKey(self, rid, self._ratchet_guard(rid)))
+                self._delete(rid)
         failed: list[Event] = []
         for rid in unstored:
             if self._registry.get(rid) is None or rid in self._completed:
@@ -466,6 +469,9 @@ class RoundCipherCore:
         """
         with self._lock:
             leased = self._held.pop(rid, None)
+            deleting = rid in self._deleting or rid in self._undeleted
+        if leased is None and deleting:
+            return None  # purged already (a repeated RoundComplete): its delete is on its way
         context = self._registry.get(rid)
         if context is not None:
             context.remove(ROUND_CIPHER)
@@ -477,7 +483,7 @@ class RoundCipherCore:
         blob = None if leased is not None else self._store.get_key(rid)
         if leased is None and blob is None:
             return None
-        self._write(_DeleteKey(self, rid, self._ratchet_guard(rid)), now=now)
+        self._delete(rid, now=now)
         if key_id is None and blob is not None:
             key_id = _key_id_of(blob)
         if key_id is None:
@@ -485,6 +491,12 @@ class RoundCipherCore:
             return None
         _log.info("round_key_purged", round_id=rid.value, key_id=key_id.hex())
         return RoundPurged(round_id=rid, key_id=key_id)
+
+    def _delete(self, rid: RoundId, *, now: bool = False) -> None:
+        """Stage (or, ``now``, commit) the delete of ``rid``'s key; in flight until settled."""
+        with self._lock:
+            self._deleting.add(rid)
+        self._write(_DeleteKey(self, rid, self._ratchet_guard(rid)), now=now)
 
     def _ratchet_guard(self, rid: RoundId) -> ExitStack:
         """The ratchet kept out until a delete is settled (or, if that cannot be had in
@@ -767,4 +779,7 @@ class _DeleteKey(_KeyWrite):
         self._core._retry_delete(self.round_id)
 
     def _after(self) -> None:
-        self._core._epochs.purged()
+        core = self._core
+        with core._lock:  # after a failed retry it is in _undeleted already
+            core._deleting.discard(self.round_id)
+        core._epochs.purged()

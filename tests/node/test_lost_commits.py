@@ -24,6 +24,7 @@ from enclave_keys.crypto import SecretBytes
 from enclave_keys.errors import LifecycleError, Sealed, StoreError
 from enclave_keys.events import (
     FailureReason,
+    NodeSealed,
     RoundComplete,
     RoundFailed,
     RoundPurged,
@@ -31,7 +32,9 @@ from enclave_keys.events import (
     RoundStage,
 )
 from enclave_keys.ids import RoundId
+from enclave_keys.invariants import check_log
 from enclave_keys.node import Node, NodeConfig
+from enclave_keys.replay import replay
 from enclave_keys.runtime import PykkaRuntime
 from enclave_keys.store import LmdbStore, MemoryBacking, MemoryStore, WriteBatch
 from enclave_keys.testing.fakes import FaultyStore, FixedKeyUnseal, InjectedFault
@@ -311,3 +314,38 @@ def test_a_key_whose_delete_failed_is_deleted_by_a_later_tick(tmp_path: Path) ->
             assert scan_data_dir(path, master, round_of_key=key).recovered_rounds == set()
         finally:
             node.crash()
+
+
+def test_a_repeated_round_complete_purges_the_key_once(nodes: Nodes) -> None:
+    """An application's timeout failure and the reaper's land together: the router asks
+    twice for the completion of the ending round, and the round cipher gets the second
+    RoundComplete before the first one's delete is committed. One purge, not two."""
+    node, _ = nodes.open()
+    node.publish(request())
+    node.wait_idle(20.0)
+    nodes.clock.advance(100)
+    node.publish(
+        RoundFailed(round_id=R, failed_at=RoundStage.COMPUTE, reason=FailureReason.COMPUTE_TIMEOUT),
+        RoundFailed(
+            round_id=R, failed_at=RoundStage.COMPUTE, reason=FailureReason.DEADLINE_EXCEEDED
+        ),
+    )
+    node.wait_idle(20.0)
+    assert len(payloads(node, RoundPurged)) == 1
+    assert check_log(replay(list(node.store.read_events()))) == []
+    assert node.store.get_key(R) is None
+
+
+def test_seal_wipes_the_keys_when_its_event_cannot_be_written(nodes: Nodes) -> None:
+    node, store = nodes.open()
+    node.publish(request(deadline=T0 + 10_000))
+    node.wait_idle(20.0)
+    held = node.round_cipher.cipher_of(R)
+    assert held is not None
+    store.fail_writes = 1  # NodeSealed is not committed (a full disk)
+    with capture_logs() as logs:
+        node.seal()
+    assert node.sealed
+    assert held.is_wiped
+    [missed] = [e for e in logs if e["event"] == "audit_event_not_logged"]
+    assert missed["tag"] == NodeSealed.TAG

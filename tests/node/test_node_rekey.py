@@ -12,9 +12,9 @@ from structlog.testing import capture_logs
 
 from enclave_keys.clock import ManualClock
 from enclave_keys.crypto import SecretBytes
-from enclave_keys.errors import CorruptRecord, Sealed
-from enclave_keys.events import KekRotated, RootRekeyed
-from enclave_keys.ids import KekVersion
+from enclave_keys.errors import CorruptRecord, Sealed, StoreError
+from enclave_keys.events import KekRotated, RootRekeyed, RoundRequested
+from enclave_keys.ids import KekVersion, RoundId
 from enclave_keys.master import KEYRING_RECORD
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import MemoryBacking, MemoryStore
@@ -135,3 +135,28 @@ def test_a_store_that_lost_its_keyring_is_never_initialised_again(key: SecretByt
     assert source.enrolled == 0  # refused before a new root was made
     assert store.get_meta(KEYRING_RECORD) is None
     node.stop()
+
+
+def test_an_audit_event_leaves_other_failures_to_be_reported(key: SecretBytes) -> None:
+    """A handler's publish fails (the reaper's, on a tick); then a rotation commits, and
+    its event. The failure is still reported by the next wait_idle, not taken for the
+    audit event's (a snapshot due at the event would have raised it there)."""
+    store = FaultyStore(MemoryStore())
+    clock = ManualClock(T0)
+    config = NodeConfig(runtime="deterministic", harden=False, snapshot_every=1, reaper_grace=0.0)
+    node = Node(store, KeyUnseal(key), clock=clock, config=config)
+    node.start()
+    try:
+        rid = RoundId("e3:a")
+        node.publish(RoundRequested(round_id=rid, deadline=T0 + 10, threshold=2, committee_size=3))
+        store.fail_writes = 1
+        clock.advance(100)
+        node.tick()  # the reaper's failure of the round is not committed
+        with capture_logs() as logs:
+            node.rotate_kek()
+        assert not [e for e in logs if e["event"] == "audit_event_not_logged"]
+        assert any(isinstance(s.payload, KekRotated) for s in store.read_events())
+        with pytest.raises(StoreError, match="handler publish"):
+            node.wait_idle(5.0)
+    finally:
+        node.stop()
