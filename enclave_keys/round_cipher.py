@@ -779,7 +779,12 @@ class _DeleteKey(_KeyWrite):
         self._core._retry_delete(self.round_id)
 
     def _after(self) -> None:
+        """Report the purge — unless the key is still stored (the retry failed too: it is
+        in ``_undeleted`` by now), when no epoch change could help until the next tick
+        deletes it and reports it then."""
         core = self._core
-        with core._lock:  # after a failed retry it is in _undeleted already
+        with core._lock:
             core._deleting.discard(self.round_id)
-        core._epochs.purged()
+            still_stored = self.round_id in core._undeleted
+        if not still_stored:
+            core._epochs.purged()

@@ -302,12 +302,14 @@ def test_a_key_whose_delete_failed_is_deleted_by_a_later_tick(tmp_path: Path) ->
             with capture_logs() as logs:
                 node.publish(RoundComplete(round_id=R))
             assert any(e["event"] == "round_key_delete_failed" for e in logs)
+            assert node.epochs.pending_since is None  # no epoch change can help yet
             node.epochs.ratchet()
             assert scan_data_dir(path, master, round_of_key=key).recovered_rounds == {R}
 
             store.refuse = False
             clock.advance(1.0)
-            node.tick()  # deletes the key; the next ratchet covers it
+            node.tick()  # deletes the key, reports the purge; the next ratchet covers it
+            assert node.epochs.pending_since is not None
             node.epochs.ratchet_pending()
 
             assert node.store.get_key(R) is None
