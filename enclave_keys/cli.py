@@ -156,17 +156,22 @@ def _initialised_method(store: Store, data_dir: Path) -> str | None:
     other was lost or damaged): a node given such a store would enrol a new root over
     it and lose every round key, and ``init`` would overwrite it, so neither may run.
     """
-    method = MasterKeys.method_of(store)
-    keyring = MasterKeys.is_initialised(store)
-    if method is None and not keyring:
-        return None
-    if method is None or not keyring:
-        missing = KEYRING_RECORD if method is not None else METHOD_RECORD
+    missing = _missing_master_record(store)
+    if missing is not None:
         raise UnsealMismatch(
             f"{data_dir} is damaged: its {missing} record is missing; restore the"
             " directory from a backup (it is neither unsealed nor initialised again)"
         )
-    return method
+    return MasterKeys.method_of(store)
+
+
+def _missing_master_record(store: Store) -> str | None:
+    """The one master record a half-initialised store lacks (method or keyring), or None
+    when it has both or neither."""
+    has_method = store.get_meta(METHOD_RECORD) is not None
+    if has_method == MasterKeys.is_initialised(store):
+        return None
+    return KEYRING_RECORD if has_method else METHOD_RECORD
 
 
 def _open_node(args: argparse.Namespace, out: Printer) -> Node:
@@ -407,6 +412,7 @@ def _status(store: Store, data_dir: Path) -> dict[str, object]:
         "data_dir": str(data_dir),
         "initialised": MasterKeys.is_initialised(store),
         "method": MasterKeys.method_of(store),
+        "damaged": _damage(store),
         "events": store.last_sequence(),
         "live_round_keys": store.key_count(),
         "round_keys_by_epoch": by_epoch,
@@ -417,6 +423,12 @@ def _status(store: Store, data_dir: Path) -> dict[str, object]:
         "snapshot_sequence": None if latest is None else latest[0],
         "running_pid": _running_pid(data_dir),
     }
+
+
+def _damage(store: Store) -> str | None:
+    """What ``status`` says is wrong with the store's master records, if anything."""
+    missing = _missing_master_record(store)
+    return None if missing is None else f"{missing} record missing: restore from a backup"
 
 
 def _running_pid(data_dir: Path) -> int | None:

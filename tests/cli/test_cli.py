@@ -103,6 +103,7 @@ def test_init_passphrase_then_status(cli: Cli, data_dir: Path) -> None:
         "data_dir": str(data_dir),
         "initialised": True,
         "method": "passphrase",
+        "damaged": None,
         "events": 0,
         "live_round_keys": 0,
         "round_keys_by_epoch": {},

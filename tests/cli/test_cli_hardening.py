@@ -94,6 +94,15 @@ def test_a_store_missing_a_master_record_is_refused_before_any_secret(
     assert unsealed.lines == [unseal_line("passphrase", 1, 3)], unsealed.err
 
 
+@pytest.mark.parametrize("missing", [KEYRING_RECORD, METHOD_RECORD])
+def test_status_names_a_missing_master_record(cli: Cli, passphrase_dir: Path, missing: str) -> None:
+    assert cli.status(passphrase_dir)["damaged"] is None
+    remove_record(passphrase_dir, missing)
+    assert cli.status(passphrase_dir)["damaged"] == (
+        f"{missing} record missing: restore from a backup"
+    )
+
+
 def test_init_refuses_a_store_with_a_method_but_no_keyring(
     cli: Cli, passphrase_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -157,15 +166,15 @@ def test_ctrl_c_inside_the_rekey_after_its_commit_still_prints_the_new_shares(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     make_rounds(passphrase_dir, PassphraseUnseal(PASSPHRASE), 2)
-    publish = Node.publish
+    audit = Node._audit
 
-    def interrupted(self: Node, *events: Event) -> object:  # after the commit
-        if any(isinstance(event, RootRekeyed) for event in events):
+    def interrupted(self: Node, event: Event) -> None:  # after the commit
+        if isinstance(event, RootRekeyed):
             raise KeyboardInterrupt
-        return publish(self, *events)
+        audit(self, event)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Node, "publish", interrupted)
+        patch.setattr(Node, "_audit", interrupted)
         with pytest.raises(KeyboardInterrupt):
             cli(*REKEY_TO_SHARES, passphrase_dir, secrets=[PASSPHRASE])
     result = Result(-1, capsys.readouterr().out, "")
