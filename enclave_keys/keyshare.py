@@ -158,7 +158,10 @@ class KeyshareCore:
         """Apply an already-logged event to the state; create nothing, return nothing."""
         event = stored.payload
         if isinstance(event, KeyshareCreated) and stored.source == self.name:
-            self._shares[event.round_id] = (event.key_id, event.ciphertext)
+            # Sealed before the purge (under the cipher's lease), but logged after it: the
+            # round has ended, and its share must not come back.
+            if event.round_id not in self._ended:
+                self._shares[event.round_id] = (event.key_id, event.ciphertext)
         elif isinstance(event, RoundPurged):
             self._forget(event.round_id)
         elif isinstance(event, RoundComplete) and event.round_id in self._shares:
@@ -202,13 +205,17 @@ class KeyshareCore:
         return (KeyshareCreated(round_id=rid, key_id=leased.key_id, ciphertext=ciphertext),)
 
     def _seal_new_share(self, leased: LeasedRoundCipher) -> bytes | None:
-        """A fresh random keyshare sealed under the round key; None if it was retired."""
+        """A fresh random keyshare sealed under the round key; None if it was retired —
+        also if that happened once the seal was made: the purge waits for the seal's
+        lease only, so its ``RoundPurged`` could otherwise reach the log before this
+        share's ``KeyshareCreated`` (a share logged for a purged round)."""
         with SecretBytes.random(self._share_size, self._entropy) as share:
             try:
                 with leased.lease() as cipher, share.borrow() as view:
-                    return cipher.seal(KEYSHARE_PURPOSE, view)
+                    sealed = cipher.seal(KEYSHARE_PURPOSE, view)
             except (RoundCipherRetired, SecretWiped):
                 return None
+        return None if leased.retired else sealed
 
     def _decryption_share(self, event: DecryptionShareRequested) -> Event:
         rid, request_id = event.round_id, event.request_id

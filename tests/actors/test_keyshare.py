@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from enclave_keys.store import MemoryStore
 from tests.actors.helpers import T0, RecordingEntropy, make_keyring, open_keeper, stored
 
 R = RoundId("e3:1")
+WAIT = 10.0
 KEK_BYTES = os.urandom(32)
 
 
@@ -354,3 +356,50 @@ def test_no_share_bytes_in_logs_events_or_reprs() -> None:
         assert secret.hex() not in text
         assert repr(secret) not in text
     assert share not in created.ciphertext
+
+
+def test_a_keyshare_logged_after_its_rounds_purge_is_not_kept(node: Node) -> None:
+    """The seal happened under the cipher's lease, before the purge; the purge's
+    RoundPurged reached the log first all the same. The ended round keeps no share."""
+    ready = node.key_round(R)
+    (created,) = node.keyshare.handle(stored(ready))
+    assert isinstance(created, KeyshareCreated)
+    (purged,) = node.ciphers.handle(stored(RoundComplete(round_id=R)))
+    node.keyshare.handle(stored(RoundComplete(round_id=R)))
+    node.keyshare.handle(stored(purged, source="round-cipher"))
+    node.registry.close(R)
+    node.keyshare.handle(stored(created, source="keyshare"))
+    assert node.keyshare.keyshare_of(R) is None
+    assert node.keyshare.snapshot_state()["shares"] == []
+
+
+def test_no_keyshare_is_published_for_a_cipher_retired_during_its_seal(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge that begins while the share is sealed waits for the seal's lease, then
+    publishes RoundPurged: a KeyshareCreated published after that seal would be logged
+    after the purge. The share is dropped instead."""
+    ready = node.key_round(R)
+    context = node.registry.get(R)
+    assert context is not None
+    leased = context.require(ROUND_CIPHER)
+    seal = RoundCipher.seal
+    retiring: list[threading.Thread] = []
+
+    def purged_meanwhile(self: RoundCipher, purpose: str, plaintext: bytes) -> bytes:
+        sealed = seal(self, purpose, plaintext)
+        thread = threading.Thread(target=leased.retire, args=(WAIT,))
+        thread.start()  # waits for this seal's lease, then wipes
+        retiring.append(thread)
+        while not leased.retired:  # the retirement has begun (it sets this first)
+            pass
+        return sealed
+
+    monkeypatch.setattr(RoundCipher, "seal", purged_meanwhile)
+    with capture_logs() as logs:
+        assert node.keyshare.handle(stored(ready)) == ()
+    retiring[0].join(WAIT)
+    assert leased.is_wiped
+    assert [e["why"] for e in logs if e["event"] == "keyshare_not_created"] == [
+        "round_cipher_retired"
+    ]
