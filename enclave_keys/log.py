@@ -3,35 +3,57 @@
 Library modules log with ``structlog.get_logger(__name__)`` and event-style names
 (``round_key_created``) with ids as fields. Key bytes must never be logged; as a second
 line of defence :func:`redact_bytes` replaces every bytes-like field value with its
-length, whatever a caller passed. :func:`configure_logging` installs it for applications
-that have no structlog configuration of their own; an application that configures
-structlog itself should put :func:`redact_bytes` first in its processor chain.
+length, whatever a caller passed, however deep in lists, tuples, sets and maps.
+:func:`configure_logging` installs it for applications that have no structlog
+configuration of their own; an application that configures structlog itself should put
+:func:`redact_bytes` after every processor that adds fields (``merge_contextvars``) and
+before its renderer.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+_MAX_DEPTH = 8
+"""Nesting below which a container is not looked into: it is replaced whole."""
 
 
 def redact_bytes(
     logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """structlog processor: replace bytes-like values (at top level and one level down)."""
+    """structlog processor: replace every bytes-like value, at any depth of lists,
+    tuples, sets and maps (keys too), with its length. A container nested deeper than
+    :data:`_MAX_DEPTH` is replaced whole."""
     for name, value in list(event_dict.items()):
-        if isinstance(value, _BYTES_LIKE):
-            event_dict[name] = f"<{len(value)} bytes redacted>"
-        elif isinstance(value, (list, tuple)) and any(isinstance(v, _BYTES_LIKE) for v in value):
-            event_dict[name] = [
-                f"<{len(v)} bytes redacted>" if isinstance(v, _BYTES_LIKE) else v for v in value
-            ]
+        redacted = _redacted(value, 0)
+        if redacted is not value:
+            event_dict[name] = redacted
     return event_dict
+
+
+def _redacted(value: object, depth: int) -> object:
+    """``value`` with its bytes redacted; ``value`` itself when it holds none."""
+    if isinstance(value, _BYTES_LIKE):
+        return f"<{len(value)} bytes redacted>"
+    if not isinstance(value, (list, tuple, set, frozenset, Mapping)):
+        return value
+    if depth >= _MAX_DEPTH:
+        return f"<{type(value).__name__} nested too deep: redacted>"
+    if isinstance(value, Mapping):
+        pairs = [(_redacted(k, depth + 1), _redacted(v, depth + 1)) for k, v in value.items()]
+        if all(k is ok and v is ov for (k, v), (ok, ov) in zip(pairs, value.items(), strict=True)):
+            return value
+        return {str(k): v for k, v in pairs}
+    items = [_redacted(item, depth + 1) for item in value]
+    if all(new is old for new, old in zip(items, value, strict=True)):
+        return value
+    return items
 
 
 CACHE_LOGGERS_DEFAULT = True
@@ -55,8 +77,8 @@ def configure_logging(
     )
     structlog.configure(
         processors=[
+            structlog.contextvars.merge_contextvars,  # before redaction: bound fields too
             redact_bytes,
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,

@@ -45,3 +45,35 @@ def test_configure_logging_caches_by_default_outside_the_test_suite(
     monkeypatch.setattr(log, "CACHE_LOGGERS_DEFAULT", True)  # what a node process has
     configure_logging()
     assert structlog.get_config()["cache_logger_on_first_use"] is True
+
+
+def test_redact_bytes_looks_into_maps_sets_and_nested_containers() -> None:
+    secret = bytes(range(32))
+    event = {
+        "detail": {"share": secret, "n": 1},
+        "nested": [("a", [secret])],
+        "keys": {secret: "by key"},
+        "set": {secret},
+        "deep": [[[[[[[[[[secret]]]]]]]]]],
+        "plain": {"round_id": "e3:1"},
+    }
+    plain = event["plain"]
+    out = redact_bytes(None, "info", dict(event))
+    assert out["detail"] == {"share": "<32 bytes redacted>", "n": 1}
+    assert out["nested"] == [["a", ["<32 bytes redacted>"]]]
+    assert out["keys"] == {"<32 bytes redacted>": "by key"}
+    assert out["set"] == ["<32 bytes redacted>"]
+    assert out["plain"] is plain  # nothing to redact: left as it was
+    assert secret.hex() not in repr(out)
+    assert repr(secret) not in repr(out)
+
+
+def test_fields_bound_in_context_are_redacted_too(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(json=True, cache=False)
+    secret = bytes(range(0xA0, 0xC0))
+    with structlog.contextvars.bound_contextvars(round_key=secret):
+        structlog.get_logger("t").info("bound")
+    line = capsys.readouterr().err
+    assert '"round_key": "<32 bytes redacted>"' in line
+    assert secret.hex() not in line
+    assert "\\xa0" not in line
