@@ -89,9 +89,13 @@ class RoundCipher(AeadKeyHolder):
     @classmethod
     def generate(cls, round_id: RoundId, *, entropy: Entropy | None = None) -> RoundCipher:
         """A cipher with a fresh random key and a fresh random key id."""
-        key = SecretBytes.random(KEY_SIZE, entropy)
-        key_id = KeyId(random_bytes(KeyId.SIZE, entropy))
-        cipher = cls(round_id, key_id, key, entropy=entropy)
+        key = SecretBytes.random(KEY_SIZE, entropy)  # first: a seeded run draws in this order
+        try:
+            key_id = KeyId(random_bytes(KeyId.SIZE, entropy))
+            cipher = cls(round_id, key_id, key, entropy=entropy)
+        except BaseException:
+            key.wipe()
+            raise
         _log.debug("round_key_generated", round_id=str(round_id), key_id=key_id.hex())
         return cipher
 

@@ -267,3 +267,43 @@ def test_logs_name_ids_and_never_key_bytes() -> None:
     assert logs[0]["round_id"] == "e3:42"
     assert logs[0]["key_id"] == cipher.key_id.hex()
     assert key.hex()[:16] not in repr(logs)
+
+
+def test_generate_wipes_the_new_key_if_the_cipher_cannot_be_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[SecretBytes] = []
+
+    def failing_init(
+        self: RoundCipher, round_id: RoundId, key_id: KeyId, key: SecretBytes, **_: object
+    ) -> None:
+        made.append(key)
+        raise MemoryError("no memory for the AEAD context")
+
+    monkeypatch.setattr(RoundCipher, "__init__", failing_init)
+    with pytest.raises(MemoryError):
+        RoundCipher.generate(RoundId("e3:1"))
+    [key] = made
+    assert key.is_wiped
+
+
+def test_generate_wipes_the_new_key_if_its_key_id_cannot_be_drawn() -> None:
+    keys: list[SecretBytes] = []
+    real_random = SecretBytes.random
+
+    def recording(size: int, entropy: object = None) -> SecretBytes:
+        key = real_random(size, entropy)  # type: ignore[arg-type]
+        keys.append(key)
+        return key
+
+    def entropy(n: int) -> bytes:
+        if n == KeyId.SIZE:
+            raise OSError("no entropy")
+        return bytes(n)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SecretBytes, "random", recording)
+        with pytest.raises(OSError, match="no entropy"):
+            RoundCipher.generate(RoundId("e3:1"), entropy=entropy)
+    [key] = keys
+    assert key.is_wiped
