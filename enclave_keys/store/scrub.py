@@ -9,7 +9,7 @@ Steps, each durable before the next, so a crash at any point loses nothing::
     1. compacting copy (``mdb_env_copyfd2`` with compaction) into  DIR/scrub.tmp/data.mdb
        (mode 0600), and the old file's used size into  DIR/scrub.tmp/used
     2. rename  DIR/scrub.tmp  ->  DIR/scrub.ready           (the copy is complete)
-    3. overwrite the used bytes of DIR/data.mdb with zeros, in place, fdatasync
+    3. overwrite the data of DIR/data.mdb (not its holes) with zeros, in place, fdatasync
     4. rename  DIR/scrub.ready/data.mdb  ->  DIR/data.mdb, remove scrub.ready
 
 :func:`finish_pending_scrub` (run by :meth:`LmdbStore.open`) completes steps 3-4 when it
@@ -97,17 +97,33 @@ def _data_regions(fd: int, end: int) -> Iterator[tuple[int, int]]:
         offset = stop
 
 
-def _overwrite(path: Path, used: int | None = None) -> int:
-    """Zero the data in the first ``used`` bytes of ``path`` (all of it if ``None``) in
-    place (same inode), then fdatasync. Returns how many bytes were zeroed.
+def _holes_known(fd: int, size: int) -> bool:
+    """Whether zeroing every data region of the open file up to ``size`` allocates no new
+    disk: the file has no holes, or the filesystem reports them (``SEEK_HOLE``)."""
+    if os.fstat(fd).st_blocks * 512 >= size:
+        return True  # not sparse
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < size
+    except OSError:
+        return False
 
-    LMDB never writes past its last page, so ``used`` = (last page + 1) x page size
-    covers every byte it ever wrote; the rest of a map-sized file is a sparse hole.
+
+def _overwrite(path: Path, used: int | None = None) -> int:
+    """Zero every byte of ``path`` that holds data, in place (same inode), then fdatasync.
+    Returns how many bytes were zeroed.
+
+    ``used`` = (last page + 1) x page size does not bound what LMDB wrote: a commit cut
+    short (killed between writing its pages and its meta page, or failing there) leaves
+    pages past the last committed one, which later commits may never reuse. So where the
+    filesystem tells holes from data, every data region up to the end of the file is
+    zeroed, and only the holes of the sparse, map-sized file are skipped. ``used`` bounds
+    the overwrite only on a filesystem that reports a sparse file as all data, where
+    zeroing it whole would allocate the whole map (up to 1 TiB).
     """
     fd = os.open(path, os.O_WRONLY)
     try:
         size = os.fstat(fd).st_size
-        if used is not None:
+        if used is not None and not _holes_known(fd, size):
             size = min(size, used)
         zeros = bytes(_CHUNK)
         zeroed = 0

@@ -27,6 +27,7 @@ import errno
 import hashlib
 import os
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ __all__ = [
 _log = structlog.get_logger(__name__)
 
 SLOT_FILE_NAME: Final = "epoch.slots"
-TMP_SUFFIX: Final = ".tmp"  # epoch.slots.tmp: the file being created (see _create)
+TMP_PREFIX: Final = ".tmp."  # epoch.slots.tmp.<random>: one creator's file (see _create)
 SLOT_SIZE: Final = 4096
 SLOT_COUNT: Final = 2
 SLOT_FILE_SIZE: Final = SLOT_SIZE * SLOT_COUNT
@@ -61,7 +62,6 @@ _MAGIC: Final = b"EKSLOT\x00\x01"
 _HEAD: Final = struct.Struct(">8sQH")
 _DIGEST: Final = 32
 _EMPTY: Final = bytes(SLOT_SIZE)
-_FILE_MODE: Final = 0o600
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +152,9 @@ class SlotFile:
             except FileNotFoundError:
                 if not create:
                     raise StoreUnavailable(f"no epoch slot file at {path}") from None
-                _create(path, flags)
+                _create(path)
                 fd = os.open(path, flags)
+            _remove_stale_temporaries(path)
         except OSError as exc:
             raise StoreUnavailable(f"cannot open epoch slot file {path}: {exc}") from exc
         try:
@@ -219,20 +220,20 @@ class SlotFile:
         return f"SlotFile({str(self._path)!r}, {'closed' if self._fd is None else 'open'})"
 
 
-def _create(path: Path, flags: int) -> None:
+def _create(path: Path) -> None:
     """Create ``path`` whole — two empty slots, durable — or not at all.
 
-    The zeros are written and fsynced in ``epoch.slots.tmp`` first and only then linked to
-    the final name, so a crash never leaves a short ``epoch.slots`` (which every later open
-    would refuse as truncated, keeping the node from ever starting). A ``.tmp`` left by
-    such a crash is replaced. Linking (then unlinking the ``.tmp``) is a rename that
-    cannot replace: should another process create ``epoch.slots`` meanwhile, its file —
-    maybe already holding an epoch key — is kept, and this one is dropped.
-    Raises ``OSError``; :meth:`SlotFile.open` makes it :class:`StoreUnavailable`.
+    The zeros are written and fsynced in a temporary file of this creator's own
+    (``epoch.slots.tmp.<random>``) and only then linked to the final name, so a crash
+    never leaves a short ``epoch.slots`` (which every later open would refuse as
+    truncated, keeping the node from ever starting). Linking (then unlinking the
+    temporary name) is a rename that cannot replace: should another process create
+    ``epoch.slots`` meanwhile, its file — maybe already holding an epoch key — is kept,
+    and this one is dropped. Raises ``OSError``; :meth:`SlotFile.open` makes it
+    :class:`StoreUnavailable`.
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + TMP_PREFIX)
+    tmp = Path(name)
     try:
         try:
             written = os.pwrite(fd, bytes(SLOT_FILE_SIZE), 0)
@@ -245,11 +246,24 @@ def _create(path: Path, flags: int) -> None:
             os.link(tmp, path)
         except FileExistsError:
             pass  # created by someone else meanwhile: theirs is the file
+        except FileNotFoundError:
+            # Our temporary file was removed as stale by an opener that found
+            # epoch.slots made meanwhile: theirs is the file.
+            if not path.exists():
+                raise
         else:
             _log.info("epoch_slot_file_created", path=str(path))
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of creations a crash cut short (zeros only: nothing to
+    erase), once ``path`` exists. A creation still running (another process, without the
+    directory's claim) finds its own gone and uses the file that exists."""
+    for stale in path.parent.glob(path.name + TMP_PREFIX + "*"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -285,3 +285,42 @@ def test_a_scrub_that_cannot_be_finished_is_a_typed_error(
             LmdbStore.open(store_dir)
     assert contents(store_dir) == before
     assert not scrub_module.scrub_pending(store_dir)
+
+
+@pytest.mark.parametrize("path_taken", ["scrub", "finished_after_a_crash"])
+def test_pages_past_the_last_committed_one_are_zeroed_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_taken: str
+) -> None:
+    """A commit killed between writing its pages and its meta page leaves them past the
+    last committed page (``used``): a wrapped key in one of them must not survive the
+    scrub, while the holes of the sparse file are still skipped."""
+    path = tmp_path / "node"
+    map_size = 256 * 2**20
+    with LmdbStore.open(path, map_size=map_size) as store:
+        store.put_key(RoundId("kept"), b"k" * 60)
+    used = used_bytes(path)
+    orphan = used + 3 * 4096 + 123
+    with open(path / "data.mdb", "r+b") as data:  # what the cut-short commit wrote
+        data.seek(orphan)
+        data.write(DELETED)
+    if path_taken == "finished_after_a_crash":
+
+        def die(directory: Path, used: int | None = None) -> int:
+            raise Crash
+
+        monkeypatch.setattr(scrub_module, "_install", die)
+        with pytest.raises(Crash):
+            scrub(path)
+        monkeypatch.undo()
+    old = os.open(path / "data.mdb", os.O_RDONLY)
+    try:
+        if path_taken == "scrub":
+            scrub(path)
+        else:
+            LmdbStore.open(path).close()
+        assert os.pread(old, len(DELETED), orphan) == bytes(len(DELETED))
+        assert os.fstat(old).st_blocks * 512 < map_size // 4, "holes were filled"
+    finally:
+        os.close(old)
+    with LmdbStore.open(path) as store:
+        assert store.get_key(RoundId("kept")) == b"k" * 60

@@ -228,11 +228,41 @@ def test_a_crash_while_the_slot_file_is_created_leaves_none(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == [SLOT_FILE_NAME]
 
 
-def test_a_stale_temporary_file_is_replaced(tmp_path: Path) -> None:
-    (tmp_path / f"{SLOT_FILE_NAME}.tmp").write_bytes(b"left by a crash")
+@pytest.mark.parametrize("slot_file", ["missing", "present"])
+def test_temporary_files_left_by_crashes_are_removed(tmp_path: Path, slot_file: str) -> None:
+    """Killed after the link, before the temporary name was removed (or before the link):
+    the next open removes what is left, whether it creates the slot file or finds it."""
+    if slot_file == "present":
+        SlotFile.open(tmp_path).close()
+    for name in ("a1b2c3", "d4e5f6"):
+        (tmp_path / f"{SLOT_FILE_NAME}.tmp.{name}").write_bytes(bytes(SLOT_FILE_SIZE))
     device = SlotFile.open(tmp_path)
     device.close()
     assert (tmp_path / SLOT_FILE_NAME).read_bytes() == bytes(SLOT_FILE_SIZE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SLOT_FILE_NAME]
+
+
+def test_two_creators_each_write_their_own_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another opener, racing this creator without the directory's claim, creates the
+    slot file and removes this creator's temporary file as stale just before its link:
+    this creator uses the file that exists (before, both shared one temporary name, and
+    one could link the other's empty file)."""
+    theirs = encode_slot(RECORD) + bytes(SLOT_SIZE)
+    real_link = os.link
+
+    def other_opener_first(src: str, dst: str) -> None:
+        Path(dst).write_bytes(theirs)
+        Path(src).unlink()  # what their open does to temporary files it finds
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", other_opener_first)
+    device = SlotFile.open(tmp_path)
+    try:
+        assert decode_slot(device.read(0)) == RECORD
+    finally:
+        device.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [SLOT_FILE_NAME]
 
 
