@@ -22,6 +22,9 @@ import structlog
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _MAX_DEPTH = 8
 """Nesting below which a container is not looked into: it is replaced whole."""
+_MAX_ITEMS = 10_000
+"""Values looked at per field: beyond them, containers are replaced whole (a log call
+must stay cheap whatever it is given)."""
 
 
 def redact_bytes(
@@ -29,31 +32,61 @@ def redact_bytes(
 ) -> MutableMapping[str, Any]:
     """structlog processor: replace every bytes-like value, at any depth of lists,
     tuples, sets and maps (keys too), with its length. A container nested deeper than
-    :data:`_MAX_DEPTH` is replaced whole."""
+    :data:`_MAX_DEPTH`, met again inside itself, or past :data:`_MAX_ITEMS` values is
+    replaced whole."""
     for name, value in list(event_dict.items()):
-        redacted = _redacted(value, 0)
+        redacted = _Redactor().redacted(value, 0)
         if redacted is not value:
             event_dict[name] = redacted
     return event_dict
 
 
-def _redacted(value: object, depth: int) -> object:
-    """``value`` with its bytes redacted; ``value`` itself when it holds none."""
-    if isinstance(value, _BYTES_LIKE):
-        return f"<{len(value)} bytes redacted>"
-    if not isinstance(value, (list, tuple, set, frozenset, Mapping)):
-        return value
-    if depth >= _MAX_DEPTH:
-        return f"<{type(value).__name__} nested too deep: redacted>"
-    if isinstance(value, Mapping):
-        pairs = [(_redacted(k, depth + 1), _redacted(v, depth + 1)) for k, v in value.items()]
-        if all(k is ok and v is ov for (k, v), (ok, ov) in zip(pairs, value.items(), strict=True)):
+class _Redactor:
+    """One field's walk: the containers on the current path, and a budget of values."""
+
+    __slots__ = ("_budget", "_path")
+
+    def __init__(self) -> None:
+        self._path: set[int] = set()
+        self._budget = _MAX_ITEMS
+
+    def redacted(self, value: object, depth: int) -> object:
+        """``value`` with its bytes redacted; ``value`` itself when it holds none."""
+        if isinstance(value, _BYTES_LIKE):
+            return f"<{len(value)} bytes redacted>"
+        if not isinstance(value, (list, tuple, set, frozenset, Mapping)):
             return value
-        return {str(k): v for k, v in pairs}
-    items = [_redacted(item, depth + 1) for item in value]
-    if all(new is old for new, old in zip(items, value, strict=True)):
-        return value
-    return items
+        self._budget -= 1
+        if depth >= _MAX_DEPTH or self._budget < 0 or id(value) in self._path:
+            return f"<{type(value).__name__} not looked into: redacted>"
+        self._path.add(id(value))
+        try:
+            if isinstance(value, Mapping):
+                return self._map(value, depth)
+            items = [self.redacted(item, depth + 1) for item in value]
+        finally:
+            self._path.discard(id(value))
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        return items
+
+    def _map(self, value: Mapping[Any, Any], depth: int) -> object:
+        """A map with its bytes redacted: keys that are not bytes are kept as they are, a
+        bytes key becomes its length (made unique, so no entry is lost)."""
+        out: dict[Any, object] = {}
+        changed = False
+        for key, item in value.items():
+            new = self.redacted(item, depth + 1)
+            if isinstance(key, _BYTES_LIKE):
+                label = f"<{len(key)} bytes redacted>"
+                key, n = label, 1
+                while key in out or key in value:
+                    n += 1
+                    key = f"{label} #{n}"
+                changed = True
+            changed = changed or new is not item
+            out[key] = new
+        return out if changed else value
 
 
 CACHE_LOGGERS_DEFAULT = True

@@ -77,3 +77,31 @@ def test_fields_bound_in_context_are_redacted_too(capsys: pytest.CaptureFixture[
     assert '"round_key": "<32 bytes redacted>"' in line
     assert secret.hex() not in line
     assert "\\xa0" not in line
+
+
+def test_a_container_inside_itself_is_redacted_once() -> None:
+    """A list that holds itself eight times: looked into once, not 8**8 times."""
+    looped: list[object] = [b"\x01" * 4]
+    looped.extend([looped] * 8)
+    out = redact_bytes(None, "info", {"looped": looped})
+    assert out["looped"][0] == "<4 bytes redacted>"
+    assert out["looped"][1:] == ["<list not looked into: redacted>"] * 8
+
+
+def test_a_wide_value_is_looked_into_within_a_budget() -> None:
+    secret = bytes(range(32))
+    wide = [[[secret] * 30] * 30] * 30  # 27,000 leaves, shared
+    out = redact_bytes(None, "info", {"wide": wide})
+    assert secret.hex() not in repr(out)
+    assert repr(secret) not in repr(out)
+
+
+def test_redacted_map_keys_lose_no_entry() -> None:
+    event = {"by_id": {1: b"\x00" * 32, "1": "other", b"a" * 4: "x", b"b" * 4: "y"}}
+    out = redact_bytes(None, "info", dict(event))
+    assert out["by_id"] == {
+        1: "<32 bytes redacted>",
+        "1": "other",
+        "<4 bytes redacted>": "x",
+        "<4 bytes redacted> #2": "y",
+    }

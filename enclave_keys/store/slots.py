@@ -154,7 +154,6 @@ class SlotFile:
                     raise StoreUnavailable(f"no epoch slot file at {path}") from None
                 _create(path)
                 fd = os.open(path, flags)
-            _remove_stale_temporaries(path)
         except OSError as exc:
             raise StoreUnavailable(f"cannot open epoch slot file {path}: {exc}") from exc
         try:
@@ -169,6 +168,7 @@ class SlotFile:
         except BaseException:
             os.close(fd)
             raise
+        _remove_stale_temporaries(path)
         return cls(fd, path)
 
     @property
@@ -262,8 +262,11 @@ def _remove_stale_temporaries(path: Path) -> None:
     """Remove the temporary files of creations a crash cut short (zeros only: nothing to
     erase), once ``path`` exists. A creation still running (another process, without the
     directory's claim) finds its own gone and uses the file that exists."""
-    for stale in path.parent.glob(path.name + TMP_PREFIX + "*"):
-        stale.unlink(missing_ok=True)
+    try:
+        for stale in path.parent.glob(path.name + TMP_PREFIX + "*"):
+            stale.unlink(missing_ok=True)
+    except OSError as exc:  # best effort: they hold nothing, and the store opens anyway
+        _log.warning("epoch_slot_temporary_not_removed", path=str(path), error=str(exc))
 
 
 def _fsync_directory(directory: Path) -> None:

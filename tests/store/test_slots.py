@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from enclave_keys.errors import CorruptSlot, StoreClosed, StoreError, StoreUnavailable
 from enclave_keys.store import LmdbStore
@@ -283,3 +284,24 @@ def test_creating_never_replaces_a_slot_file_made_meanwhile(
         assert decode_slot(device.read(0)) == RECORD
     finally:
         device.close()
+
+
+def test_a_temporary_file_that_cannot_be_removed_does_not_stop_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SlotFile.open(tmp_path).close()
+    (tmp_path / f"{SLOT_FILE_NAME}.tmp.a1b2c3").write_bytes(bytes(SLOT_FILE_SIZE))
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with capture_logs() as logs:
+        device = SlotFile.open(tmp_path)
+    try:
+        assert device.read(0) == bytes(SLOT_SIZE)
+    finally:
+        device.close()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "epoch_slot_temporary_not_removed"
+    ]
