@@ -494,9 +494,10 @@ class RoundCipherCore:
 
     def _delete(self, rid: RoundId, *, now: bool = False) -> None:
         """Stage (or, ``now``, commit) the delete of ``rid``'s key; in flight until settled."""
+        write = _DeleteKey(self, rid, self._ratchet_guard(rid))
         with self._lock:
-            self._deleting.add(rid)
-        self._write(_DeleteKey(self, rid, self._ratchet_guard(rid)), now=now)
+            self._deleting.add(rid)  # from here on it is settled, which discards it
+        self._write(write, now=now)
 
     def _ratchet_guard(self, rid: RoundId) -> ExitStack:
         """The ratchet kept out until a delete is settled (or, if that cannot be had in
