@@ -223,8 +223,9 @@ class HsmError(MasterKeyError):
 
 
 class LogFileError(CodecError):
-    """An exported event-log file is malformed: wrong magic or version, a truncated or
-    oversized record, or a trailer whose count or digest does not match."""
+    """An exported event-log file is malformed — wrong magic or version, a truncated or
+    oversized record, a trailer whose count or digest does not match — or it cannot be
+    read or written (the path and the system's reason only)."""
 
 
 class ScenarioError(EnclaveKeysError, ValueError):

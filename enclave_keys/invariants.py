@@ -272,7 +272,11 @@ def check_store(
             found.append(Violation("live_keys_stored", "live round's key is missing", rid.value))
         elif live_key is not None and blob is not None:
             named = key_id_of_blob(blob)
-            if named is not None and named != live_key:
+            if named is None:  # garbage: the round's key is lost as surely as if missing
+                found.append(
+                    Violation("live_keys_stored", "stored key record is unreadable", rid.value)
+                )
+            elif named != live_key:
                 found.append(
                     Violation("live_keys_stored", "stored key is not the announced key", rid.value)
                 )

@@ -261,11 +261,14 @@ class KeyshareCore:
                 keyshare = cipher.open(KEYSHARE_PURPOSE, keyshare_ciphertext)
                 derived = derive_decryption_share(keyshare, rid, request_id)
                 del keyshare
-                return cipher.seal(DECRYPTION_SHARE_PURPOSE, derived)
+                sealed = cipher.seal(DECRYPTION_SHARE_PURPOSE, derived)
         except (RoundCipherRetired, SecretWiped):
             raise _Unavailable("round_cipher_retired") from None
         except UnwrapFailed:
             raise _Unavailable("keyshare_unreadable") from None
+        if leased.retired:  # purged meanwhile: see _seal_new_share
+            raise _Unavailable("round_cipher_retired")
+        return sealed
 
     # --- snapshots ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ and times; never a key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -69,17 +70,29 @@ class _Writer:
 
 
 def write_log_file(events: Iterable[StoredEvent], path: str | os.PathLike[str]) -> int:
-    """Write ``events`` to ``path`` (replaced atomically); returns the number written."""
+    """Write ``events`` to ``path`` (replaced atomically); returns the number written.
+
+    :class:`LogFileError` if it cannot be written (no such directory, no space): then
+    ``path`` is as it was and no ``.partial`` file is left.
+    """
     target = Path(path)
     partial = target.with_name(target.name + ".partial")
-    with open(partial, "wb") as out:
-        writer = _Writer(out)
-        for stored in events:
-            writer.record(stored)
-        writer.finish()
-        out.flush()
-        os.fsync(out.fileno())
-    partial.replace(target)
+    try:
+        try:
+            with open(partial, "wb") as out:
+                writer = _Writer(out)
+                for stored in events:
+                    writer.record(stored)
+                writer.finish()
+                out.flush()
+                os.fsync(out.fileno())
+            partial.replace(target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise LogFileError(f"cannot write the log file {target}: {exc.strerror}") from None
     return writer.count
 
 
@@ -99,8 +112,13 @@ def log_digest(events: Iterable[StoredEvent]) -> str:
 
 
 def read_log_file(path: str | os.PathLike[str]) -> Iterator[StoredEvent]:
-    """The events of an exported log file, in order, checked as the module doc says."""
-    data = Path(path).read_bytes()
+    """The events of an exported log file, in order, checked as the module doc says.
+
+    :class:`LogFileError` if it cannot be read (missing, a directory, no permission)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise LogFileError(f"cannot read the log file {path}: {exc.strerror}") from None
     return iter(list(_parse(data)))
 
 

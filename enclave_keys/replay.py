@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from enclave_keys.events import (
+    DecryptionShareCreated,
     KekRotated,
     KeyshareCreated,
     NodeUnsealed,
@@ -58,7 +59,8 @@ class RoundView:
     requested_at: float | None = None
     deadline: float | None = None
     opened: int = 0  # number of RoundOpened
-    ended: int = 0  # number of RoundComplete that found the round open
+    ended: int = 0  # number of RoundComplete that found the round open (or opened again)
+    reopened: bool = False  # a RoundOpened after the round ended: its next end counts too
     stage: RoundStage = RoundStage.REQUESTED
     accusation: bool = False
     ending_reason: str | None = None  # a non-misbehaviour failure awaiting RoundComplete
@@ -73,7 +75,7 @@ class RoundView:
     keyshare_key: str | None = None  # key id the keyshare was sealed under
     keyshares: int = 0
     mismatched_keyshares: int = 0  # KeyshareCreated naming another key than the round's
-    used_after_purge: int = 0  # KeyshareCreated under a key already purged
+    used_after_purge: int = 0  # a keyshare or decryption share under a key already purged
     keyed_after_end: int = 0  # RoundKeyReady / KeyshareCreated after the round ended
     ended_at: float | None = None
     ended_sequence: int | None = None
@@ -182,6 +184,8 @@ class LogState:
         elif isinstance(event, RoundOpened):
             view.opened += 1
             view.deadline = event.deadline
+            if view.ended:
+                view.reopened = True
         elif isinstance(event, RoundStageChanged):
             if view.is_live and not event.stage.is_terminal:
                 view.stage = event.stage
@@ -190,6 +194,9 @@ class LogState:
         elif isinstance(event, RoundComplete):
             if view.is_live:
                 self._end(view, stored)
+            elif view.reopened:  # a second end: one_outcome reports it
+                view.reopened = False
+                view.ended += 1
         elif isinstance(event, RoundKeyReady):
             key = event.key_id.hex()
             if view.ended:
@@ -209,6 +216,11 @@ class LogState:
             if view.purged[key]:
                 view.used_after_purge += 1
             view.keyshare_key = key
+        elif isinstance(event, DecryptionShareCreated):
+            # Sealed under the key that holds the round's keyshare (else its newest key).
+            sealed_under = view.keyshare_key or next(reversed(view.keys), None)
+            if sealed_under is not None and view.purged[sealed_under]:
+                view.used_after_purge += 1
         elif isinstance(event, RoundPurged):
             self._purged(view, event.key_id, now)
 

@@ -403,3 +403,34 @@ def test_no_keyshare_is_published_for_a_cipher_retired_during_its_seal(
     assert [e["why"] for e in logs if e["event"] == "keyshare_not_created"] == [
         "round_cipher_retired"
     ]
+
+
+def test_no_decryption_share_is_published_for_a_cipher_retired_during_its_seal(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a keyshare: a share sealed just before the purge would be logged after it."""
+    node.keyshare_round(R)
+    context = node.registry.get(R)
+    assert context is not None
+    leased = context.require(ROUND_CIPHER)
+    seal = RoundCipher.seal
+    retiring: list[threading.Thread] = []
+
+    def purged_meanwhile(self: RoundCipher, purpose: str, plaintext: bytes) -> bytes:
+        sealed = seal(self, purpose, plaintext)
+        thread = threading.Thread(target=leased.retire, args=(WAIT,))
+        thread.start()
+        retiring.append(thread)
+        while not leased.retired:
+            pass
+        return sealed
+
+    monkeypatch.setattr(RoundCipher, "seal", purged_meanwhile)
+    request_id = EventId.random()
+    (answer,) = node.keyshare.handle(
+        stored(DecryptionShareRequested(round_id=R, request_id=request_id))
+    )
+    retiring[0].join(WAIT)
+    assert answer == DecryptionShareFailed(
+        round_id=R, request_id=request_id, reason="round_cipher_retired"
+    )

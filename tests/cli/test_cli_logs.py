@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from enclave_keys.events import KeyshareCreated, StoredEvent
 from enclave_keys.ids import EventId, KeyId, RoundId
 from enclave_keys.invariants import SecretScanner, check_events
 from enclave_keys.logfile import encode_log, read_log_file
+from enclave_keys.store import LmdbStore
 from simulations.config import SimConfig
 from simulations.runner import Simulation
 
@@ -142,3 +144,31 @@ def test_simulate_is_python_m_simulations(
         main(["simulate", "--help"])
     assert exit_.value.code == 0
     assert "usage: enclave-keys simulate" in capsys.readouterr().out
+
+
+def test_a_log_file_that_cannot_be_read_or_written_is_a_clean_error(
+    sim_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run(capsys, "replay", str(tmp_path / "no-such.eklog"))
+    assert code == 2
+    assert "LogFileError" in out
+    assert "Traceback" not in out
+    target = tmp_path / "missing" / "x.eklog"
+    code, out = run(capsys, "export-log", str(sim_dir / "node-0"), "-o", str(target))
+    assert code == 2
+    assert "LogFileError" in out
+    assert not (tmp_path / "missing").exists()
+
+
+def test_replay_flags_a_live_round_whose_stored_key_is_garbage(
+    sim_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "node"
+    shutil.copytree(sim_dir / "node-0", copy)
+    with LmdbStore.open(copy) as store:
+        live = [rid for rid, _ in store.list_keys()]
+        assert live, "the simulation leaves live rounds"
+        store.put_key(live[0], b"\x02" + b"\xff" * 200)  # a record that is no wrapped key
+    code, out = run(capsys, "replay", str(copy))
+    assert code == 1
+    assert f"[live_keys_stored] round {live[0].value}: stored key record is unreadable" in out
