@@ -180,6 +180,10 @@ class RecentRounds:
         if len(ids) > self._horizon:
             ids.popitem(last=False)
 
+    def discard(self, round_id: RoundId) -> None:
+        """Forget ``round_id`` (if remembered): its id is in use again."""
+        self._ids.pop(round_id, None)
+
     def __contains__(self, round_id: object) -> bool:
         return round_id in self._ids
 

@@ -148,6 +148,7 @@ class KeyshareCore:
     def handle(self, stored: StoredEvent) -> Sequence[Event]:
         event = stored.payload
         if isinstance(event, RoundKeyReady):
+            self._ended.discard(event.round_id)  # see replay
             return self._create(event)
         if isinstance(event, DecryptionShareRequested):
             return (self._decryption_share(event),)
@@ -157,7 +158,11 @@ class KeyshareCore:
     def replay(self, stored: StoredEvent) -> None:
         """Apply an already-logged event to the state; create nothing, return nothing."""
         event = stored.payload
-        if isinstance(event, KeyshareCreated) and stored.source == self.name:
+        if isinstance(event, RoundKeyReady):
+            # A new key for an id that ended before: the router opened it again (past its
+            # horizon). The new round is live: its share must be kept.
+            self._ended.discard(event.round_id)
+        elif isinstance(event, KeyshareCreated) and stored.source == self.name:
             # Sealed before the purge (under the cipher's lease), but logged after it: the
             # round has ended, and its share must not come back.
             if event.round_id not in self._ended:

@@ -536,8 +536,14 @@ class Node:
         return runtime
 
     def _restore_snapshot(self, cores: _Cores) -> int | None:
-        """Restore the newest snapshot into ``cores``; ``None`` when there is none usable."""
-        latest = self._store.latest_snapshot()
+        """Restore the newest snapshot into ``cores``; ``None`` when there is none usable
+        (none, or one the store cannot read or the cores cannot restore: the log is then
+        replayed whole)."""
+        try:
+            latest = self._store.latest_snapshot()
+        except CorruptRecord:  # a damaged record: the log alone still tells everything
+            _log.warning("snapshot_unreadable", sequence=None)
+            return None
         if latest is None:
             return None
         # One table for all cores: a live round's id is validated once, not once per core

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import lmdb
 import msgpack
 import pykka
 import pytest
@@ -35,6 +36,7 @@ from enclave_keys.ids import EventId, RoundId
 from enclave_keys.keyshare import DECRYPTION_SHARE_PURPOSE, KeyshareCore, derive_decryption_share
 from enclave_keys.node import SNAPSHOT_BYTES_PER_EVENT, Node
 from enclave_keys.store import LmdbStore
+from enclave_keys.unseal import KeyUnseal
 from tests.node.conftest import (
     FAR,
     T0,
@@ -538,3 +540,58 @@ def test_a_version_1_snapshot_with_its_contexts_map_still_restores(
     assert node.recovery.hydrated == (live,)
     require_cipher(node, live)
     node.stop()
+
+
+def test_a_snapshot_record_the_store_cannot_read_falls_back_to_the_log(
+    nodes: NodeFactory,
+) -> None:
+    """The store reads the newest snapshot record as CorruptRecord (an empty value): the
+    node starts from the whole log, as for a snapshot it cannot decode."""
+    live = rid("e3:live")
+    node = nodes.open()
+    publish(node, request(live))
+    node.stop()
+    with LmdbStore.open(nodes.data_dir) as store:
+        latest = store.latest_snapshot()
+        assert latest is not None
+    env = lmdb.open(str(nodes.data_dir), max_dbs=8, subdir=True)
+    try:
+        with env.begin(write=True, db=env.open_db(b"snapshots", create=False)) as txn:
+            txn.put(latest[0].to_bytes(8, "big"), b"")
+    finally:
+        env.close()
+
+    with capture_logs() as logs:
+        node = nodes.open()
+    assert node.recovery.snapshot_sequence is None
+    assert node.recovery.hydrated == (live,)
+    assert any(e["event"] == "snapshot_unreadable" for e in logs)
+
+
+def test_a_round_id_opened_again_keeps_its_new_keyshare_across_restarts(
+    nodes: NodeFactory,
+) -> None:
+    """An id the router forgot (past its horizon) is opened, keyed and shared afresh: the
+    keyshare core keeps the new share (it had the id among its ended rounds), so no
+    restart finds the live round without one and announces it again."""
+
+    def opened() -> Node:
+        config = replace(nodes.config(), completed_horizon=1)
+        node = Node.open(nodes.data_dir, KeyUnseal(nodes.master), clock=nodes.clock, config=config)
+        nodes._opened.append(node)
+        return node
+
+    a, x = rid("e3:a"), rid("e3:x")
+    node = opened()
+    publish(node, request(a))
+    publish(node, RoundComplete(round_id=a))
+    publish(node, request(x), RoundComplete(round_id=x))  # ends unkeyed: a is forgotten
+    publish(node, request(a))  # opened afresh
+    assert a in node.router.open_rounds()
+    assert node.keyshare.keyshare_of(a) is not None
+    node.stop()
+    for _ in range(2):
+        node = opened()
+        assert node.recovery.reannounced == ()
+        assert node.keyshare.keyshare_of(a) is not None
+        node.stop()
