@@ -1,7 +1,8 @@
 """The deadline reaper (design §2, step 7): no round key outlives its round's deadline.
 
-:class:`ReaperCore` tracks every opened round's deadline (from ``RoundOpened``) and its
-last non-terminal stage (from ``RoundStageChanged``) until ``RoundComplete``. When the
+:class:`ReaperCore` tracks every round's deadline (from ``RoundRequested``, or
+``RoundOpened``) and its last non-terminal stage (from ``RoundStageChanged``) until
+``RoundComplete``. When the
 runtime reads its clock it calls :meth:`ReaperCore.tick`; every round still open past
 ``deadline + grace`` is failed with ``deadline_exceeded`` (a timeout reason, which the
 router turns into completion, which purges the key). Deadlines are absolute POSIX times
@@ -87,6 +88,7 @@ class ReaperCore:
             raise ValueError("grace must be >= 0")
         self._rounds: dict[RoundId, TrackedRound] = {}
         self._fired_at: dict[RoundId, float] = {}  # when each fired round was last failed
+        self._unopened: set[RoundId] = set()  # tracked from a request, RoundOpened not seen
         # A RoundComplete can precede the round's RoundOpened in the log (both published
         # around one request): such a round must never be tracked, let alone reaped.
         self._completed = RecentRounds(horizon)
@@ -120,11 +122,21 @@ class ReaperCore:
         """
         event = stored.payload
         if isinstance(event, RoundRequested):
-            self._requested.add(event.round_id)
+            # Tracked from the request: if the router's RoundOpened is lost (its commit
+            # failed), the round is open in the router all the same, and must still end.
+            requested = event.round_id
+            self._requested.add(requested)
+            if requested not in self._rounds and requested not in self._completed:
+                self._rounds[requested] = TrackedRound(event.deadline)
+                self._unopened.add(requested)
             return
         if isinstance(event, RoundOpened):
-            if event.round_id not in self._rounds and event.round_id not in self._completed:
-                self._rounds[event.round_id] = TrackedRound(event.deadline)
+            opened = event.round_id
+            if opened in self._unopened:  # the router's deadline is the round's
+                self._unopened.discard(opened)
+                self._rounds[opened].deadline = event.deadline
+            elif opened not in self._rounds and opened not in self._completed:
+                self._rounds[opened] = TrackedRound(event.deadline)
             return
         rid = event.round_id_or_none
         if rid is not None and isinstance(event, RoundComplete):
@@ -132,6 +144,7 @@ class ReaperCore:
                 self._completed.add(rid)
             self._rounds.pop(rid, None)
             self._fired_at.pop(rid, None)
+            self._unopened.discard(rid)
             return
         tracked = None if rid is None else self._rounds.get(rid)
         if rid is None or tracked is None:
@@ -222,6 +235,7 @@ class ReaperCore:
         self._completed = completed
         self._requested = requested
         self._fired_at = {}  # not in a snapshot: a fired round still open fails again
+        self._unopened = set()  # nor this: a snapshot is taken settled, every round opened
 
     def __repr__(self) -> str:
         return f"ReaperCore(tracked={len(self._rounds)}, grace={self._grace})"

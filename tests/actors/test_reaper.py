@@ -236,3 +236,18 @@ def test_grace_and_now_are_validated(reaper: ReaperCore) -> None:
             ReaperCore(grace=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="now"):
         reaper.tick(float("nan"))
+
+
+def test_a_round_is_tracked_from_its_request(clock: ManualClock) -> None:
+    """Its RoundOpened may never reach the log (the router's commit failed): the request's
+    deadline is enforced all the same; a RoundOpened that comes sets the router's."""
+    reaper = ReaperCore(grace=GRACE)
+    reaper.handle(stored(requested(R)))
+    assert reaper.tracked()[R].deadline == DEADLINE
+    clock.set(DEADLINE + GRACE + 1)
+    assert reaper.tick(clock.now()) == [overdue()]
+
+    other = RoundId("e3:2")
+    reaper.handle(stored(requested(other)))
+    reaper.handle(stored(RoundOpened(round_id=other, deadline=DEADLINE + 500)))
+    assert reaper.tracked()[other].deadline == DEADLINE + 500

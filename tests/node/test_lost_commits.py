@@ -351,3 +351,24 @@ def test_seal_wipes_the_keys_when_its_event_cannot_be_written(nodes: Nodes) -> N
     assert held.is_wiped
     [missed] = [e for e in logs if e["event"] == "audit_event_not_logged"]
     assert missed["tag"] == NodeSealed.TAG
+
+
+def test_a_round_whose_opening_was_lost_still_ends_at_its_deadline(nodes: Nodes) -> None:
+    """The request commits; the router's RoundOpened does not. The router holds the
+    round open (and its context) but nothing keys it: the reaper, tracking it from the
+    request, fails it past its deadline and the round is torn down."""
+    node, store = nodes.open()
+    store.pass_writes, store.fail_writes = 1, 1
+    node.publish(request())
+    with pytest.raises(StoreError):
+        node.wait_idle(20.0)
+    assert R in node.router.open_rounds()
+    assert node.round_cipher.cipher_of(R) is None
+
+    nodes.tick(node, 100)
+
+    assert R not in node.router.open_rounds()
+    assert node.registry.get(R) is None
+    assert [f.reason for f in payloads(node, RoundFailed)] == [  # type: ignore[attr-defined]
+        FailureReason.DEADLINE_EXCEEDED
+    ]
