@@ -140,7 +140,10 @@ class ReaperCore:
             return
         rid = event.round_id_or_none
         if rid is not None and isinstance(event, RoundComplete):
-            if rid in self._requested or rid in self._rounds:
+            # Recorded when a tracked round ends, as the router records it when it tears
+            # an open round down: a late duplicate must not make it the newest completed
+            # round here alone (the two would then forget different rounds at the horizon).
+            if rid in self._rounds:
                 self._completed.add(rid)
             self._rounds.pop(rid, None)
             self._fired_at.pop(rid, None)

@@ -333,8 +333,14 @@ class RoundCipherCore:
                 return ()
             return self._create(event.round_id)
         if isinstance(event, RoundComplete):
-            if event.round_id in self._requested or self.cipher_of(event.round_id) is not None:
-                self._completed.add(event.round_id)
+            rid = event.round_id
+            # The first completion only, as the router records it: a late duplicate must
+            # not make this round the newest completed one here alone (the cores would
+            # then forget different rounds at the horizon).
+            if rid not in self._completed and (
+                rid in self._requested or self.cipher_of(rid) is not None
+            ):
+                self._completed.add(rid)
             purged = self._purge(event.round_id)
             return () if purged is None else (purged,)
         return ()

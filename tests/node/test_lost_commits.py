@@ -372,3 +372,32 @@ def test_a_round_whose_opening_was_lost_still_ends_at_its_deadline(nodes: Nodes)
     assert [f.reason for f in payloads(node, RoundFailed)] == [  # type: ignore[attr-defined]
         FailureReason.DEADLINE_EXCEEDED
     ]
+
+
+def test_a_late_duplicate_completion_keeps_the_cores_horizons_in_step(nodes: Nodes) -> None:
+    """A late duplicate RoundComplete for A: the router ignores it. If the reaper and the
+    round cipher took it as a new completion, they would forget other rounds than the
+    router at the horizon: a late request for B (still completed in the router) would be
+    tracked and failed for ever, and A reused would be opened but never keyed nor reaped."""
+    node, _ = nodes.open(completed_horizon=2)
+    a, b, c = RoundId("e3:a"), RoundId("e3:b"), RoundId("e3:c")
+    node.publish(request(a, T0 + 1_000), request(b, T0 + 1_000))
+    node.wait_idle(20.0)
+    for rid in (a, b, a, c):  # the second `a` is the late duplicate
+        if rid == c:
+            node.publish(request(c, T0 + 1_000))
+            node.wait_idle(20.0)
+        node.publish(RoundComplete(round_id=rid))
+        node.wait_idle(20.0)
+    assert node.router.completed_rounds() == [b, c]
+
+    node.publish(request(b, T0 + 10))  # completed in the router: rejected
+    node.publish(request(a, T0 + 10))  # forgotten everywhere: a new round
+    node.wait_idle(20.0)
+    assert node.round_cipher.cipher_of(a) is not None
+    for _ in range(3):
+        nodes.tick(node, 60.0)
+    assert b not in node.reaper.tracked()
+    failed = [f.round_id for f in payloads(node, RoundFailed)]  # type: ignore[attr-defined]
+    assert failed == [a]  # reaped once; b never
+    assert a not in node.router.open_rounds()
