@@ -211,10 +211,15 @@ class SlotFile:
                 raise StoreError(f"cannot write slot {index} of {self._path}: {exc}") from exc
 
     def close(self) -> None:
+        """Idempotent. :class:`StoreError` if closing fails (``EIO`` from a delayed
+        write); the device is closed either way."""
         with self._lock:
             fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as exc:
+                raise StoreError(f"cannot close {self._path}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"SlotFile({str(self._path)!r}, {'closed' if self._fd is None else 'open'})"

@@ -434,3 +434,13 @@ def test_no_decryption_share_is_published_for_a_cipher_retired_during_its_seal(
     assert answer == DecryptionShareFailed(
         round_id=R, request_id=request_id, reason="round_cipher_retired"
     )
+
+
+def test_a_late_duplicate_purge_does_not_reorder_the_ended_rounds() -> None:
+    """As the router remembers completions (first only), so does this core: the two
+    forget the same rounds at the horizon."""
+    core = KeyshareCore(ContextRegistry(), horizon=2)
+    a, b, c = RoundId("e3:a"), RoundId("e3:b"), RoundId("e3:c")
+    for rid in (a, b, a, c):  # the second `a` is a late duplicate
+        core.handle(stored(RoundPurged(round_id=rid, key_id=KeyId(b"\x01" * 16))))
+    assert core.snapshot_state()["ended"] == [b.value, c.value]

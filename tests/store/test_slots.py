@@ -305,3 +305,22 @@ def test_a_temporary_file_that_cannot_be_removed_does_not_stop_the_open(
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
         "epoch_slot_temporary_not_removed"
     ]
+
+
+def test_a_failed_close_is_a_store_error_and_closes_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = SlotFile.open(tmp_path)
+    real_close = os.close
+
+    def failing(fd: int) -> None:
+        real_close(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "close", failing)
+    with pytest.raises(StoreError, match="cannot close"):
+        device.close()
+    monkeypatch.undo()
+    device.close()  # closed already: nothing more to do
+    with pytest.raises(StoreClosed):
+        device.read(0)
