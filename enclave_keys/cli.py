@@ -51,11 +51,11 @@ from enclave_keys.errors import (
     UnwrapFailed,
 )
 from enclave_keys.log import configure_logging
-from enclave_keys.master import KEYRING_RECORD, METHOD_RECORD, MasterKeys
+from enclave_keys.master import KEYRING_RECORD, MasterKeys
 from enclave_keys.node import Node, NodeConfig
 from enclave_keys.store import LmdbStore, Store
 from enclave_keys.store.claim import CLAIM_FILE, DirectoryClaim, claim_holder
-from enclave_keys.store.lmdb_store import DATA_FILE
+from enclave_keys.store.datafile import DATA_FILE
 from enclave_keys.store.scrub import scrub
 from enclave_keys.store.slots import SLOT_FILE_NAME
 from enclave_keys.unseal import (
@@ -156,22 +156,13 @@ def _initialised_method(store: Store, data_dir: Path) -> str | None:
     other was lost or damaged): a node given such a store would enrol a new root over
     it and lose every round key, and ``init`` would overwrite it, so neither may run.
     """
-    missing = _missing_master_record(store)
+    missing = MasterKeys.missing_record(store)
     if missing is not None:
         raise UnsealMismatch(
             f"{data_dir} is damaged: its {missing} record is missing; restore the"
             " directory from a backup (it is neither unsealed nor initialised again)"
         )
     return MasterKeys.method_of(store)
-
-
-def _missing_master_record(store: Store) -> str | None:
-    """The one master record a half-initialised store lacks (method or keyring), or None
-    when it has both or neither."""
-    has_method = store.get_meta(METHOD_RECORD) is not None
-    if has_method == MasterKeys.is_initialised(store):
-        return None
-    return KEYRING_RECORD if has_method else METHOD_RECORD
 
 
 def _open_node(args: argparse.Namespace, out: Printer) -> Node:
@@ -427,7 +418,7 @@ def _status(store: Store, data_dir: Path) -> dict[str, object]:
 
 def _damage(store: Store) -> str | None:
     """What ``status`` says is wrong with the store's master records, if anything."""
-    missing = _missing_master_record(store)
+    missing = MasterKeys.missing_record(store)
     return None if missing is None else f"{missing} record missing: restore from a backup"
 
 

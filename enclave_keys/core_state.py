@@ -180,6 +180,13 @@ class RecentRounds:
         if len(ids) > self._horizon:
             ids.popitem(last=False)
 
+    def add_first(self, round_id: RoundId) -> None:
+        """:meth:`add`, unless ``round_id`` is remembered already: it keeps the place of
+        its first addition. For a round's end, which a late duplicate must not make newer
+        here than in the router (the cores would forget different rounds at the horizon)."""
+        if round_id not in self._ids:
+            self.add(round_id)
+
     def discard(self, round_id: RoundId) -> None:
         """Forget ``round_id`` (if remembered): its id is in use again."""
         self._ids.pop(round_id, None)

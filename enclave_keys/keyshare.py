@@ -177,8 +177,7 @@ class KeyshareCore:
 
     def _forget(self, rid: RoundId) -> None:
         self._shares.pop(rid, None)
-        if rid not in self._ended:  # a late duplicate must not make it the newest here
-            self._ended.add(rid)
+        self._ended.add_first(rid)
 
     def _create(self, event: RoundKeyReady) -> Sequence[Event]:
         rid = event.round_id

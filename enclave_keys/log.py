@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+_CONTAINERS = (list, tuple, set, frozenset, Mapping)
 _MAX_DEPTH = 8
 """Nesting below which a container is not looked into: it is replaced whole."""
 _MAX_ITEMS = 10_000
@@ -35,9 +36,12 @@ def redact_bytes(
     :data:`_MAX_DEPTH`, met again inside itself, or past :data:`_MAX_ITEMS` values is
     replaced whole."""
     for name, value in list(event_dict.items()):
-        redacted = _Redactor().redacted(value, 0)
-        if redacted is not value:
-            event_dict[name] = redacted
+        if isinstance(value, _BYTES_LIKE):
+            event_dict[name] = f"<{len(value)} bytes redacted>"
+        elif isinstance(value, _CONTAINERS):  # most fields are neither: no walk for them
+            redacted = _Redactor().redacted(value, 0)
+            if redacted is not value:
+                event_dict[name] = redacted
     return event_dict
 
 
@@ -54,7 +58,7 @@ class _Redactor:
         """``value`` with its bytes redacted; ``value`` itself when it holds none."""
         if isinstance(value, _BYTES_LIKE):
             return f"<{len(value)} bytes redacted>"
-        if not isinstance(value, (list, tuple, set, frozenset, Mapping)):
+        if not isinstance(value, _CONTAINERS):
             return value
         self._budget -= 1
         if depth >= _MAX_DEPTH or self._budget < 0 or id(value) in self._path:

@@ -179,11 +179,21 @@ class MasterKeys(NoCopy):
         would orphan every round key in it). Call it before enrolling a new root."""
         if cls.is_initialised(store):
             raise AlreadyInitialised("the store already has a keyring")
-        if store.get_meta(METHOD_RECORD) is not None:
+        if cls.missing_record(store) is not None:
             raise CorruptRecord(
                 f"the store has {METHOD_RECORD} but no {KEYRING_RECORD}: it was"
                 " initialised and its keyring is lost; refusing to make a new one over it"
             )
+
+    @classmethod
+    def missing_record(cls, store: Store) -> str | None:
+        """The one master record a half-initialised store lacks (:data:`METHOD_RECORD` or
+        :data:`KEYRING_RECORD`: the other was lost or damaged), or None when it has both
+        or neither. Such a store must be restored, never unsealed nor initialised again."""
+        has_method = store.get_meta(METHOD_RECORD) is not None
+        if has_method == cls.is_initialised(store):
+            return None
+        return KEYRING_RECORD if has_method else METHOD_RECORD
 
     @staticmethod
     def method_of(store: Store) -> str | None:

@@ -334,13 +334,8 @@ class RoundCipherCore:
             return self._create(event.round_id)
         if isinstance(event, RoundComplete):
             rid = event.round_id
-            # The first completion only, as the router records it: a late duplicate must
-            # not make this round the newest completed one here alone (the cores would
-            # then forget different rounds at the horizon).
-            if rid not in self._completed and (
-                rid in self._requested or self.cipher_of(rid) is not None
-            ):
-                self._completed.add(rid)
+            if rid in self._requested or self.cipher_of(rid) is not None:
+                self._completed.add_first(rid)
             purged = self._purge(event.round_id)
             return () if purged is None else (purged,)
         return ()

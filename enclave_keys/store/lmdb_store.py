@@ -45,6 +45,7 @@ from enclave_keys.store.api import (
 )
 from enclave_keys.store.base import StoreBase
 from enclave_keys.store.claim import DirectoryClaim, held_here
+from enclave_keys.store.datafile import DATA_FILE, check_not_truncated, cover_the_map
 from enclave_keys.store.locks import SharedExclusiveLock
 from enclave_keys.store.scrub import finish_pending_scrub, scrub_pending
 from enclave_keys.store.slots import SlotFile
@@ -60,7 +61,6 @@ DEFAULT_MAX_MAP_SIZE: Final = 2**40
 """Map growth stops here (1 TiB); a batch that still does not fit raises StoreError."""
 
 MAX_DBS: Final = 8  # four in use, room for later formats
-DATA_FILE: Final = "data.mdb"
 _FILE_MODE: Final = 0o600
 _DIR_MODE: Final = 0o700
 _MAX_RETRIES_ON_RESIZE: Final = 3
@@ -294,7 +294,7 @@ class LmdbStore(StoreBase):
         new = min(_round_to_page(old * 2), self._max_map_size)
         self._set_map_size_locked(new)
         try:
-            _cover_the_map(self._env, self._path / DATA_FILE)
+            cover_the_map(self._env, self._path / DATA_FILE)
         except OSError as exc:
             # A map past the end of the file could read there (SIGBUS): shrink it back.
             self._set_map_size_locked(old)
@@ -456,8 +456,8 @@ def _open_environment(path: Path, map_size: int, *, create: bool) -> lmdb.Enviro
     except (lmdb.Error, OSError) as exc:
         raise StoreUnavailable(f"{path} cannot be opened as an LMDB environment: {exc}") from exc
     try:
-        _check_not_truncated(env, data_file)
-        _cover_the_map(env, data_file)
+        check_not_truncated(env, data_file)
+        cover_the_map(env, data_file)
     except OSError as exc:
         env.close()
         raise StoreUnavailable(f"cannot check or extend {data_file}: {exc}") from exc
@@ -465,29 +465,6 @@ def _open_environment(path: Path, map_size: int, *, create: bool) -> lmdb.Enviro
         env.close()
         raise
     return env
-
-
-def _cover_the_map(env: lmdb.Environment, data_file: Path) -> None:
-    """Extend ``data.mdb`` (sparsely) to the map size, as LMDB's own MDB_WRITEMAP mode does.
-
-    A damaged page pointer or overflow size can make LMDB read past the end of the file;
-    inside the map that is SIGBUS — the process dies — where a read of zeros gives LMDB's
-    own error (a typed ``StoreUnavailable``/``CorruptRecord`` here). The extension takes
-    no disk space.
-    """
-    size = env.info()["map_size"]
-    if data_file.stat().st_size < size:
-        os.truncate(data_file, size)
-
-
-def _check_not_truncated(env: lmdb.Environment, data_file: Path) -> None:
-    """Refuse a data file shorter than its own meta page says (reading it would SIGBUS)."""
-    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    actual = data_file.stat().st_size
-    if actual < needed:
-        raise StoreUnavailable(
-            f"{data_file} is truncated: {actual} bytes, but its pages need {needed}"
-        )
 
 
 def _initialise_or_verify(

@@ -35,12 +35,18 @@ import lmdb
 import structlog
 
 from enclave_keys.errors import CorruptRecord, StoreUnavailable
+from enclave_keys.store.datafile import (
+    DATA_FILE,
+    check_not_truncated,
+    cover_the_map,
+    fsync_directory,
+    used_bytes,
+)
 
 __all__ = ["ScrubReport", "finish_pending_scrub", "scrub", "scrub_pending"]
 
 _log = structlog.get_logger(__name__)
 
-DATA_FILE: Final = "data.mdb"
 TMP_DIR: Final = "scrub.tmp"
 READY_DIR: Final = "scrub.ready"
 USED_FILE: Final = "used"  # in scrub.ready: the old file's used bytes, ASCII decimal
@@ -66,14 +72,6 @@ def _typed_errors(what: str) -> Iterator[None]:
         raise CorruptRecord(f"{what}: LMDB reports a damaged page: {exc}") from exc
     except (lmdb.Error, OSError) as exc:
         raise StoreUnavailable(f"{what}: {exc}") from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _data_regions(fd: int, end: int) -> Iterator[tuple[int, int]]:
@@ -145,7 +143,7 @@ def _install(directory: Path, used: int | None = None) -> int:
     overwritten = _overwrite(old, used) if old.exists() else 0
     os.replace(ready / DATA_FILE, directory / DATA_FILE)
     shutil.rmtree(ready)
-    _fsync_dir(directory)
+    fsync_directory(directory)
     return overwritten
 
 
@@ -179,11 +177,11 @@ def finish_pending_scrub(directory: Path) -> bool:
         ready = directory / READY_DIR
         if tmp.exists():
             shutil.rmtree(tmp)  # step 1 never completed: the old file is intact
-            _fsync_dir(directory)
+            fsync_directory(directory)
         if not (ready / DATA_FILE).is_file():
             if ready.exists():  # step 4 moved the copy, then the crash came
                 shutil.rmtree(ready)
-                _fsync_dir(directory)
+                fsync_directory(directory)
             return False
         overwritten = _install(directory, _recorded_used(ready))
     _log.warning("scrub_finished_after_crash", path=str(directory), overwritten=overwritten)
@@ -209,9 +207,9 @@ def scrub(directory: Path) -> ScrubReport:
         except BaseException:
             shutil.rmtree(tmp)
             raise
-        _fsync_dir(tmp)
+        fsync_directory(tmp)
         os.replace(tmp, directory / READY_DIR)
-        _fsync_dir(directory)
+        fsync_directory(directory)
     with _typed_errors(f"scrub of {directory} cut short; the next open finishes it"):
         new_size = (directory / READY_DIR / DATA_FILE).stat().st_size
         overwritten = _install(directory, used)
@@ -228,15 +226,12 @@ def _compacting_copy(directory: Path, tmp: Path) -> int:
     than its pages is refused, and a short one is extended to the map, since reading past
     the end of the file would kill the process (SIGBUS) instead of raising.
     """
-    # Imported here: lmdb_store imports this module to finish a scrub at open.
-    from enclave_keys.store.lmdb_store import _check_not_truncated, _cover_the_map
-
     data = directory / DATA_FILE
     env = lmdb.open(str(directory), subdir=True, readonly=True, max_dbs=16, lock=True)
     try:
-        _check_not_truncated(env, data)
-        _cover_the_map(env, data)
-        used: int = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        check_not_truncated(env, data)
+        cover_the_map(env, data)
+        used = used_bytes(env)
         fd = os.open(tmp / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
         try:
             env.copyfd(fd, compact=True)

@@ -36,6 +36,7 @@ from typing import Final, Protocol
 import structlog
 
 from enclave_keys.errors import CorruptSlot, StoreClosed, StoreError, StoreUnavailable
+from enclave_keys.store.datafile import fsync_directory
 
 __all__ = [
     "SLOT_COUNT",
@@ -260,7 +261,7 @@ def _create(path: Path) -> None:
             _log.info("epoch_slot_file_created", path=str(path))
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -272,14 +273,6 @@ def _remove_stale_temporaries(path: Path) -> None:
             stale.unlink(missing_ok=True)
     except OSError as exc:  # best effort: they hold nothing, and the store opens anyway
         _log.warning("epoch_slot_temporary_not_removed", path=str(path), error=str(exc))
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MemorySlots:

@@ -373,13 +373,12 @@ def test_a_keyshare_logged_after_its_rounds_purge_is_not_kept(node: Node) -> Non
     assert node.keyshare.snapshot_state()["shares"] == []
 
 
-def test_no_keyshare_is_published_for_a_cipher_retired_during_its_seal(
+def retire_during_the_next_seal(
     node: Node, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A purge that begins while the share is sealed waits for the seal's lease, then
-    publishes RoundPurged: a KeyshareCreated published after that seal would be logged
-    after the purge. The share is dropped instead."""
-    ready = node.key_round(R)
+) -> tuple[LeasedRoundCipher, list[threading.Thread]]:
+    """R's cipher, and (once started) the thread that retires it: the next seal under it
+    starts that retirement and returns only once it has begun (the purge waits for the
+    seal's lease, then wipes)."""
     context = node.registry.get(R)
     assert context is not None
     leased = context.require(ROUND_CIPHER)
@@ -389,13 +388,24 @@ def test_no_keyshare_is_published_for_a_cipher_retired_during_its_seal(
     def purged_meanwhile(self: RoundCipher, purpose: str, plaintext: bytes) -> bytes:
         sealed = seal(self, purpose, plaintext)
         thread = threading.Thread(target=leased.retire, args=(WAIT,))
-        thread.start()  # waits for this seal's lease, then wipes
+        thread.start()
         retiring.append(thread)
         while not leased.retired:  # the retirement has begun (it sets this first)
             pass
         return sealed
 
     monkeypatch.setattr(RoundCipher, "seal", purged_meanwhile)
+    return leased, retiring
+
+
+def test_no_keyshare_is_published_for_a_cipher_retired_during_its_seal(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge that begins while the share is sealed waits for the seal's lease, then
+    publishes RoundPurged: a KeyshareCreated published after that seal would be logged
+    after the purge. The share is dropped instead."""
+    ready = node.key_round(R)
+    leased, retiring = retire_during_the_next_seal(node, monkeypatch)
     with capture_logs() as logs:
         assert node.keyshare.handle(stored(ready)) == ()
     retiring[0].join(WAIT)
@@ -410,22 +420,7 @@ def test_no_decryption_share_is_published_for_a_cipher_retired_during_its_seal(
 ) -> None:
     """As for a keyshare: a share sealed just before the purge would be logged after it."""
     node.keyshare_round(R)
-    context = node.registry.get(R)
-    assert context is not None
-    leased = context.require(ROUND_CIPHER)
-    seal = RoundCipher.seal
-    retiring: list[threading.Thread] = []
-
-    def purged_meanwhile(self: RoundCipher, purpose: str, plaintext: bytes) -> bytes:
-        sealed = seal(self, purpose, plaintext)
-        thread = threading.Thread(target=leased.retire, args=(WAIT,))
-        thread.start()
-        retiring.append(thread)
-        while not leased.retired:
-            pass
-        return sealed
-
-    monkeypatch.setattr(RoundCipher, "seal", purged_meanwhile)
+    _, retiring = retire_during_the_next_seal(node, monkeypatch)
     request_id = EventId.random()
     (answer,) = node.keyshare.handle(
         stored(DecryptionShareRequested(round_id=R, request_id=request_id))

@@ -1,9 +1,13 @@
-"""Event builders for the store tests (the store treats events as opaque records)."""
+"""Event builders for the store tests (the store treats events as opaque records), and a
+child Python process for the tests that need one to die or be limited."""
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from enclave_keys.events import KeyshareCreated, RoundComplete, StoredEvent
 from enclave_keys.ids import EventId, KeyId, RoundId
@@ -44,3 +48,19 @@ def run_batch(store: Store, *steps: Callable[[WriteBatch], object]) -> None:
     with store.write() as batch:
         for step in steps:
             step(batch)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_python(script: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a child Python in the repository (``sys.argv[1:]`` = ``args``),
+    its output captured; never raises for its exit status."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

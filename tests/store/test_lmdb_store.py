@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -25,9 +23,8 @@ from enclave_keys.errors import (
 from enclave_keys.ids import RoundId
 from enclave_keys.store import LmdbStore, lmdb_store
 from enclave_keys.store.records import sequence_key
-from tests.store.helpers import make_event, make_events
+from tests.store.helpers import make_event, make_events, run_python
 
-REPO = Path(__file__).resolve().parents[2]
 KIB = 1024
 
 
@@ -102,7 +99,8 @@ def test_a_batch_is_on_disk_when_write_returns(lmdb_path: Path) -> None:
         "    batch.append_events(make_events(51, 5))\n"
         "    os._exit(0)  # dies inside the second batch: it must leave no trace\n"
     )
-    subprocess.run([sys.executable, "-c", script, str(lmdb_path)], check=True, cwd=REPO, timeout=60)
+    child = run_python(script, lmdb_path)
+    assert child.returncode == 0, child.stderr[-2000:]
     with LmdbStore.open(lmdb_path) as store:
         assert store.last_sequence() == 50
         assert list(store.read_events()) == make_events(1, 50)
@@ -175,14 +173,7 @@ def test_a_map_that_cannot_grow_is_a_store_error_and_the_store_says_so(
     """The map cannot be mapped larger (no address space): LMDB has already unmapped the
     old one and py-lmdb drops the environment, so the write fails with StoreError and
     every later call says the store must be reopened; the file is intact."""
-    child = subprocess.run(
-        [sys.executable, "-c", MAP_LOST_CHILD, str(lmdb_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    child = run_python(MAP_LOST_CHILD, lmdb_path)
     assert child.returncode == 0, child.stderr[-2000:]
     results = [line for line in child.stdout.splitlines() if line.startswith("> ")]
     write, read, reopened = (line[2:] for line in results)
@@ -206,7 +197,7 @@ def test_a_data_file_that_cannot_follow_the_map_writes_nothing(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(lmdb_store, "_cover_the_map", no_space)
+        patch.setattr(lmdb_store, "cover_the_map", no_space)
         with pytest.raises(StoreError, match="nothing was written"):
             store.append_events(make_events(4, 400, payload_size=2000))
     assert store.map_size == map_size
@@ -222,7 +213,7 @@ def test_a_data_file_that_cannot_cover_the_map_at_open_is_unavailable(
     def io_error(env: object, data_file: Path) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(lmdb_store, "_cover_the_map", io_error)
+    monkeypatch.setattr(lmdb_store, "cover_the_map", io_error)
     with pytest.raises(StoreUnavailable, match="Input/output error"):
         LmdbStore.open(filled)
     monkeypatch.undo()

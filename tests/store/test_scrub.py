@@ -6,8 +6,6 @@ import errno
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,7 @@ from enclave_keys.store import scrub as scrub_module
 from enclave_keys.store.claim import DirectoryClaim
 from enclave_keys.store.scrub import READY_DIR, TMP_DIR, USED_FILE, scrub
 from tests.claims import claimed_elsewhere
-from tests.store.helpers import make_events
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.store.helpers import make_events, run_python
 
 DELETED = b"\x5a" * 85
 KEPT = b"\xa5" * 85
@@ -44,6 +40,19 @@ def store_dir(tmp_path: Path) -> Path:
         store.put_meta("app.note", b"kept")
     assert DELETED in (path / "data.mdb").read_bytes(), "the deleted value lingers"
     return path
+
+
+def scrub_cut_short(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scrub that dies once its copy is complete (``scrub.ready``), before the old file
+    is zeroed: what the next open finishes."""
+
+    def die(directory: Path, used: int | None = None) -> int:
+        raise Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scrub_module, "_install", die)
+        with pytest.raises(Crash):
+            scrub(directory)
 
 
 def contents(path: Path) -> tuple[list[tuple[RoundId, bytes]], bytes | None]:
@@ -71,13 +80,7 @@ def test_a_crash_after_the_copy_is_finished_at_the_next_open(
 ) -> None:
     before = contents(store_dir)
 
-    def die(directory: Path, used: int | None = None) -> int:
-        raise Crash
-
-    monkeypatch.setattr(scrub_module, "_install", die)
-    with pytest.raises(Crash):
-        scrub(store_dir)
-    monkeypatch.undo()
+    scrub_cut_short(store_dir, monkeypatch)
     assert (store_dir / READY_DIR).exists()
     assert contents(store_dir) == before  # LmdbStore.open finishes the scrub
     assert DELETED not in (store_dir / "data.mdb").read_bytes()
@@ -187,14 +190,7 @@ def test_a_truncated_store_is_unavailable_not_a_killed_process(store_dir: Path) 
         "except StoreUnavailable as exc:\n"
         "    print('refused:', exc)\n"
     )
-    child = subprocess.run(
-        [sys.executable, "-c", script, str(store_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    child = run_python(script, store_dir)
     assert child.returncode == 0, child.stderr[-2000:]
     assert "truncated" in child.stdout
     assert (store_dir / "data.mdb").stat().st_size == used // 2
@@ -216,13 +212,7 @@ def test_finishing_a_scrub_zeroes_the_used_pages_not_the_holes(
     used = used_bytes(path)
     assert (path / "data.mdb").stat().st_size == map_size
 
-    def die(directory: Path, used: int | None = None) -> int:
-        raise Crash
-
-    monkeypatch.setattr(scrub_module, "_install", die)
-    with pytest.raises(Crash):
-        scrub(path)
-    monkeypatch.undo()
+    scrub_cut_short(path, monkeypatch)
     assert (path / READY_DIR / USED_FILE).read_text() == f"{used}\n"
     if not recorded:
         (path / READY_DIR / USED_FILE).unlink()
@@ -269,16 +259,10 @@ def test_a_scrub_that_cannot_be_finished_is_a_typed_error(
     StoreUnavailable (not a raw OSError), and a later open finishes the scrub."""
     before = contents(store_dir)
 
-    def die(directory: Path, used: int | None = None) -> int:
-        raise Crash
-
     def no_space(path: Path, used: int | None = None) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with monkeypatch.context() as patch:
-        patch.setattr(scrub_module, "_install", die)
-        with pytest.raises(Crash):
-            scrub(store_dir)
+    scrub_cut_short(store_dir, monkeypatch)
     with monkeypatch.context() as patch:
         patch.setattr(scrub_module, "_overwrite", no_space)
         with pytest.raises(StoreUnavailable, match="No space left"):
@@ -304,14 +288,7 @@ def test_pages_past_the_last_committed_one_are_zeroed_too(
         data.seek(orphan)
         data.write(DELETED)
     if path_taken == "finished_after_a_crash":
-
-        def die(directory: Path, used: int | None = None) -> int:
-            raise Crash
-
-        monkeypatch.setattr(scrub_module, "_install", die)
-        with pytest.raises(Crash):
-            scrub(path)
-        monkeypatch.undo()
+        scrub_cut_short(path, monkeypatch)
     old = os.open(path / "data.mdb", os.O_RDONLY)
     try:
         if path_taken == "scrub":

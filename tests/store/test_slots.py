@@ -7,8 +7,6 @@ import errno
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,8 +27,8 @@ from enclave_keys.store.slots import (
     encode_slot,
 )
 from tests.store.conftest import Harness
+from tests.store.helpers import run_python
 
-REPO = Path(__file__).resolve().parents[2]
 RECORD = SlotRecord(7, b"\x01" + bytes(range(72)))
 RAW = encode_slot(RECORD)
 
@@ -216,9 +214,7 @@ def test_a_crash_while_the_slot_file_is_created_leaves_none(tmp_path: Path) -> N
         "os.pwrite = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
         "SlotFile.open(Path(sys.argv[1]))\n"
     )
-    child = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, timeout=60, check=False
-    )
+    child = run_python(script, tmp_path)
     assert child.returncode == -signal.SIGKILL
     assert not (tmp_path / SLOT_FILE_NAME).exists()
     device = SlotFile.open(tmp_path)
@@ -243,39 +239,21 @@ def test_temporary_files_left_by_crashes_are_removed(tmp_path: Path, slot_file: 
     assert sorted(p.name for p in tmp_path.iterdir()) == [SLOT_FILE_NAME]
 
 
-def test_two_creators_each_write_their_own_temporary_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another opener, racing this creator without the directory's claim, creates the
-    slot file and removes this creator's temporary file as stale just before its link:
-    this creator uses the file that exists (before, both shared one temporary name, and
-    one could link the other's empty file)."""
-    theirs = encode_slot(RECORD) + bytes(SLOT_SIZE)
-    real_link = os.link
-
-    def other_opener_first(src: str, dst: str) -> None:
-        Path(dst).write_bytes(theirs)
-        Path(src).unlink()  # what their open does to temporary files it finds
-        real_link(src, dst)
-
-    monkeypatch.setattr(os, "link", other_opener_first)
-    device = SlotFile.open(tmp_path)
-    try:
-        assert decode_slot(device.read(0)) == RECORD
-    finally:
-        device.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [SLOT_FILE_NAME]
-
-
+@pytest.mark.parametrize("removes_ours", [False, True])
 def test_creating_never_replaces_a_slot_file_made_meanwhile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removes_ours: bool
 ) -> None:
-    """Another creator wins the race (its file may already hold an epoch key): kept."""
+    """Another creator wins the race (its file may already hold an epoch key): kept. An
+    opener racing without the directory's claim may also remove this creator's
+    temporary file as stale just before its link (before, both shared one temporary
+    name, and one could link the other's empty file): the file that exists is used."""
     theirs = encode_slot(RECORD) + bytes(SLOT_SIZE)
     real_link = os.link
 
     def link_after_them(src: str, dst: str) -> None:
         Path(dst).write_bytes(theirs)
+        if removes_ours:
+            Path(src).unlink()  # what their open does to temporary files it finds
         real_link(src, dst)
 
     monkeypatch.setattr(os, "link", link_after_them)
@@ -284,6 +262,7 @@ def test_creating_never_replaces_a_slot_file_made_meanwhile(
         assert decode_slot(device.read(0)) == RECORD
     finally:
         device.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SLOT_FILE_NAME]
 
 
 def test_a_temporary_file_that_cannot_be_removed_does_not_stop_the_open(
